@@ -9,9 +9,6 @@ from torch import nn
 from ..config import EXPERTS_TARGET, SharedMoeLoraConfig
 from .layer import EXPERT_FACTOR_KEYS, ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer, is_fused_experts
 
-_SAVED_KEY_TO_FACTOR = {saved: attr for attr, saved in EXPERT_FACTOR_KEYS.items()}
-
-
 def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str]:
     """Module name -> "experts" or "linear" for every module the config adapts.
 
@@ -125,22 +122,28 @@ class SharedMoeLoraModel(BaseTuner):
         cls, model: nn.Module, config: SharedMoeLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_state_dict(model, adapter_name, remapped)
+        cls.check_adapter_state_dict(model, adapter_name, remapped)
         return remapped
 
+    @classmethod
+    def check_adapter_state_dict(cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Refuse, before any weight is written, an adapter whose keys or shapes do not fit the model.
 
-def check_adapter_state_dict(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse, before any weight is written, an adapter whose keys or shapes do not fit the model."""
-    expected = _expected_adapter_shapes(model, adapter_name)
-    problems = []
-    for key, tensor in state_dict.items():
-        if key in expected:
-            if tuple(tensor.shape) != expected[key]:
-                problems.append(f"{key}: expected shape {list(expected[key])}, found {list(tensor.shape)}")
-        elif ".lora_" in key or any(f".{saved}." in key for saved in _SAVED_KEY_TO_FACTOR):
-            problems.append(f"{key}: no such adapter tensor in the model (unknown key, or a layer/target mismatch)")
-    missing = sorted(k for k in expected if k not in state_dict)
-    if missing:
-        problems.append(f"missing from the adapter: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if problems:
-        raise ValueError(f"adapter {adapter_name!r} does not fit the model:\n  " + "\n  ".join(problems))
+        `state_dict` has model keys; errors name the checkpoint keys, which is what the user has.
+        """
+        expected = _expected_adapter_shapes(model, adapter_name)
+        saved_name = lambda key: cls._remove_adapter_name_from_key(key, adapter_name)  # noqa: E731
+        problems = []
+        for key, tensor in state_dict.items():
+            if key in expected:
+                if tuple(tensor.shape) != expected[key]:
+                    problems.append(
+                        f"{saved_name(key)}: expected shape {list(expected[key])}, found {list(tensor.shape)}"
+                    )
+            elif ".lora_" in key:
+                problems.append(f"{key}: no such adapter tensor in the model (unknown key, or a layer/target mismatch)")
+        missing = sorted(saved_name(k) for k in expected if k not in state_dict)
+        if missing:
+            problems.append(f"missing from the adapter: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if problems:
+            raise ValueError(f"adapter {adapter_name!r} does not fit the model:\n  " + "\n  ".join(problems))
