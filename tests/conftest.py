@@ -81,15 +81,24 @@ def load(path: str, **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
 
 
-def randomize_adapter(model, adapter_name: str = "default", seed: int = 0) -> None:
+def randomize_adapter(model, adapter_name: str = "default", seed: int = 0, scale: float = 0.3) -> None:
     """Non-zero random values for every factor (never a zero B in an equivalence test)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_" in name and (name.endswith("." + adapter_name) or f".{adapter_name}." in name):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * scale)
 
 
 def input_ids(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=gen)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

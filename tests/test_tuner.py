@@ -253,4 +253,4 @@ def test_gradcheck_on_one_wrapped_experts_layer(qwen3_path, shared):
     def fn(x, w, *_):
         return layer(x, idx, w)
 
-    assert torch.autograd.gradcheck(fn, (x, w, *factors), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (x, w, *factors), eps=1e-6, atol=1e-6, fast_mode=True)

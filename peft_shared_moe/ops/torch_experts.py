@@ -70,7 +70,7 @@ def loop_grouped_linear(x: torch.Tensor, weight: torch.Tensor, routing: ExpertRo
 def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    if weight.device.type == "cuda" and weight.dtype != torch.bfloat16:
+    if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) < (8, 0):
         return False
     # grouped_mm wants every row stride and base pointer on a 16-byte boundary.
     item = weight.element_size()

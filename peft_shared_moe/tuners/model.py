@@ -95,6 +95,11 @@ class SharedMoeLoraModel(BaseTuner):
         if isinstance(target, SharedMoeLoraLayer):
             target.update_layer(adapter_name, peft_config)
             return
+        if any(p.device.type == "meta" for p in target.parameters()):
+            raise ValueError(
+                f"{current_key}: its base weights are offloaded (on the meta device, e.g. device_map 'cpu' or "
+                f"'disk' beside a GPU); adapters need every targeted layer resident on a device"
+            )
         kind = self._targets[current_key]
         layer_cls = ExpertsLoraLayer if kind == "experts" else LinearLoraLayer
         new_module = layer_cls(target, adapter_name, peft_config)
