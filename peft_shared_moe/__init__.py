@@ -7,7 +7,9 @@ Importing this package registers the peft_type "SHARED_MOE_LORA" with PEFT, so
 from peft import mapping as _peft_mapping
 
 from .config import PEFT_TYPE, SharedMoeLoraConfig
+from .ops import register_transformers_experts_implementation
 from .tuners import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraModel, is_fused_experts
+from .formats import export_adapter, import_adapter, inspect_adapter, shard_adapter
 
 
 def _register_with_peft() -> None:
@@ -18,6 +20,7 @@ def _register_with_peft() -> None:
 
 
 _register_with_peft()
+register_transformers_experts_implementation()
 
 __version__ = "0.1.0"
 
@@ -27,5 +30,9 @@ __all__ = [
     "PEFT_TYPE",
     "SharedMoeLoraConfig",
     "SharedMoeLoraModel",
+    "export_adapter",
+    "import_adapter",
+    "inspect_adapter",
     "is_fused_experts",
+    "shard_adapter",
 ]

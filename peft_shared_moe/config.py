@@ -13,7 +13,7 @@ PEFT_TYPE = "SHARED_MOE_LORA"
 # The router (`gate`) and `lm_head` are never targeted by default.
 DEFAULT_TARGET_MODULES = ("experts", "q_proj", "k_proj", "v_proj", "o_proj")
 EXPERTS_TARGET = "experts"
-BACKENDS = ("auto", "torch", "loop")
+BACKENDS = ("auto", "torch", "loop", "triton")
 
 
 @dataclass
@@ -52,12 +52,13 @@ class SharedMoeLoraConfig(PeftConfig):
         default=True,
         metadata={"help": "True: A random (Kaiming-uniform), B zero, so a fresh adapter is the identity. False: both random."},
     )
-    backend: Literal["auto", "torch", "loop"] = field(
+    backend: Literal["auto", "torch", "loop", "triton"] = field(
         default="auto",
         metadata={
             "help": (
                 "Experts compute path. 'torch': grouped GEMMs with autograd (exact per-expert loop where grouped_mm "
-                "cannot run, e.g. float64); 'loop': always the per-expert loop; 'auto': the fastest available."
+                "cannot run, e.g. float64); 'loop': always the per-expert loop; 'triton': the fused inference "
+                "kernels (no autograd); 'auto': Triton for CUDA inference, torch otherwise."
             )
         },
     )

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
-import peft_shared_moe  # noqa: F401  (registers the PEFT type)
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; it must be chosen before triton imports.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig  # noqa: E402
+
+import peft_shared_moe  # noqa: F401,E402  (registers the PEFT type)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

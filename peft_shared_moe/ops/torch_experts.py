@@ -49,6 +49,11 @@ class ExpertLoraFactors:
     def dtype(self) -> torch.dtype:
         return self.gate_B.dtype
 
+    def to(self, dtype: torch.dtype) -> "ExpertLoraFactors":
+        """The same adapter in another dtype; a differentiable cast, gradients reach the originals."""
+        cast = [t.to(dtype) for t in (self.gate_A, self.gate_B, self.up_A, self.up_B, self.down_A, self.down_B)]
+        return ExpertLoraFactors(*cast, scaling=self.scaling)
+
 
 class GroupedLinear(Protocol):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
@@ -112,6 +117,10 @@ def experts_forward(
     num_experts, two_i, _ = gate_up_proj.shape
     routing = sort_pairs_by_expert(top_k_index, top_k_weights, num_experts)
     base_dtype = gate_up_proj.dtype
+    if lora is not None and base_dtype in (torch.bfloat16, torch.float16):
+        # float32 master factors, half-precision GEMMs: the LoRA products run at the base's speed
+        # (grouped float32 GEMMs are several times slower on GPUs) and accumulate in float32.
+        lora = lora.to(base_dtype)
     x_pairs = hidden_states[routing.token_of_pair]  # (S, H)
 
     gate_up = linear(x_pairs, gate_up_proj, routing)  # (S, 2I)

@@ -216,16 +216,10 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         active = self._active_here()
         if self.merged or not active:
             return base(hidden_states, top_k_index, top_k_weights)
-        backend = resolve_backend(self.backend[active[0]], hidden_states)
-        return backend(
-            hidden_states,
-            top_k_index,
-            top_k_weights,
-            base.gate_up_proj,
-            base.down_proj,
-            base.act_fn,
-            lora=self.combined_factors(active),
-        )
+        lora = self.combined_factors(active)
+        weights = (base.gate_up_proj, base.down_proj)
+        backend = resolve_backend(self.backend[active[0]], hidden_states, base.act_fn, lora, weights)
+        return backend(hidden_states, top_k_index, top_k_weights, *weights, base.act_fn, lora=lora)
 
     def __repr__(self) -> str:
         return "shared_moe_lora." + super().__repr__()
