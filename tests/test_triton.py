@@ -171,3 +171,17 @@ def test_small_routing_kernel_equals_torch_alignment(T, k, num_experts, block_m)
     assert torch.equal(fast.sorted_pair_ids, slow.sorted_pair_ids)
     assert torch.equal(fast.expert_of_block, slow.expert_of_block)
     assert torch.equal(fast.num_padded_rows, slow.num_padded_rows)
+
+
+def test_custom_op_matches_direct_call():
+    """The torch.library op (what torch.compile sees) computes what the eager path computes."""
+    from peft_shared_moe.ops.triton_experts import pack_lora
+
+    x, idx, w, gate_up, down, factors = make_problem(6, 2, True, torch.float32, seed=8)
+    x, idx, w, gate_up, down = (t.to(DEVICE) for t in (x, idx, w, gate_up, down))
+    lora = as_lora({n: v.to(DEVICE) for n, v in factors.items()}, 0.5)
+    p = pack_lora(lora, x.dtype)
+    via_op = torch.ops.peft_shared_moe.fused_experts(x, idx, w, gate_up, down, p.gate_up_A, p.gate_up_B, p.down_A, p.down_B, 0.5)
+    torch.testing.assert_close(via_op, triton_forward(x, idx, w, gate_up, down, F.silu, lora=lora))
+    base_op = torch.ops.peft_shared_moe.fused_experts(x, idx, w, gate_up, down, None, None, None, None, 0.0)
+    torch.testing.assert_close(base_op, triton_forward(x, idx, w, gate_up, down, F.silu))

@@ -169,9 +169,9 @@ def _launch(
     if x.shape[-1] != k or out.shape != (routing.num_pairs, n):
         raise ValueError(f"grouped GEMM shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)}")
     rank = 0
-    dummy = out  # never read: the flags compile those loads away
-    lora_in, lora_b, lora_row_div, scaling = expand if expand is not None else (dummy.view(1, -1), weight, 1, 0.0)
-    shrink_w, shrink_out = shrink if shrink is not None else (weight, dummy.view(1, -1))
+    # Unused pointers get stand-ins (never read: the flags compile those loads away).
+    lora_in, lora_b, lora_row_div, scaling = expand if expand is not None else (out, weight, 1, 0.0)
+    shrink_w, shrink_out = shrink if shrink is not None else (weight, out)
     if expand is not None:
         rank = lora_b.shape[-1]
     if shrink is not None:
@@ -271,6 +271,8 @@ def triton_experts_forward(
     The LoRA factors run in the activation dtype, packed once per adapter (`pack_lora`).
     """
     p = pack_lora(lora, hidden_states.dtype) if lora is not None else None
+    if not torch.compiler.is_compiling():  # eager and CUDA-graph capture: skip the op dispatcher's cost
+        return _fused_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, p)
     return fused_experts(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj,
         *((p.gate_up_A, p.gate_up_B, p.down_A, p.down_B) if p is not None else (None,) * 4),
@@ -339,21 +341,23 @@ def _fused_experts(
             expand = (a, packed.gate_up_B, 1, packed.scaling)
     _launch(x, gate_up_proj, h, routing_up, config_up, x_row_div=top_k, gated=True, expand=expand)
 
-    out = torch.empty(num_pairs, hidden, dtype=dtype, device=x.device)
+    rank_out = packed.down_B.shape[-1] if packed is not None and packed.down_B.shape[0] == 1 else 0
+    # Shared B_down: the routing-weighted shrink lands in `rank_out` extra columns beside the down
+    # output, so one per-token sum reduces both.
+    out = torch.empty(num_pairs, hidden + rank_out, dtype=dtype, device=x.device)
     shrink = down_expand = None
-    if packed is not None:
-        a_down = torch.empty(num_pairs, packed.down_A.shape[1], dtype=torch.float32, device=x.device)
-        if packed.down_B.shape[0] == 1:
-            shrink = (packed.down_A, a_down)  # routing-weighted in the down kernel's epilogue
-        else:
-            _launch(h, packed.down_A, a_down, routing_down, config_down, x_row_div=1)
-            down_expand = (a_down.to(dtype), packed.down_B, 1, packed.scaling)
+    if rank_out:
+        shrink = (packed.down_A, out[:, hidden:])
+    elif packed is not None:
+        a_down = torch.empty(num_pairs, packed.down_A.shape[1], dtype=dtype, device=x.device)
+        _launch(h, packed.down_A, a_down, routing_down, config_down, x_row_div=1)
+        down_expand = (a_down, packed.down_B, 1, packed.scaling)
     _launch(
-        h, down_proj, out, routing_down, config_down,
+        h, down_proj, out[:, :hidden], routing_down, config_down,
         x_row_div=1, expand=down_expand, shrink=shrink, pair_weights=pair_weights,
     )
-    y = out.view(num_tokens, top_k, hidden).sum(dim=1)  # (T, H)
-    if shrink is not None:
-        z = a_down.view(num_tokens, top_k, -1).sum(dim=1)  # (T, r), already routing-weighted
-        y = y + (packed.scaling * (z.to(dtype) @ packed.down_B[0].T))  # B_down once per token
-    return y
+    summed = out.view(num_tokens, top_k, hidden + rank_out).sum(dim=1)  # (T, H + r)
+    if not rank_out:
+        return summed
+    # B_down once per token, on the routing-weighted sum of the rank-r activations
+    return torch.addmm(summed[:, :hidden], summed[:, hidden:], packed.down_B[0].T, alpha=packed.scaling)

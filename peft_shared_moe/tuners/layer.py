@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import SharedMoeLoraConfig
@@ -271,8 +272,10 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
         if self.merged:
             return result
         for name in self._active_here():
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            delta = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            dropout = self.lora_dropout[name]
+            x_in = x.to(A.dtype) if isinstance(dropout, nn.Identity) else dropout(x.to(A.dtype))
+            delta = F.linear(F.linear(x_in, A), B)  # plain functions: this runs per token in generate
             result = result + (self.scaling[name] * delta).to(result.dtype)
         return result
 
