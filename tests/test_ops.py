@@ -104,3 +104,13 @@ def test_grouped_gradients_match_naive(shared):
         assert rel_err(f32[name].grad, f64[name].grad) < 1e-5, name
     assert rel_err(x32.grad, x64.grad) < 1e-5
     assert rel_err(w32.grad, w64.grad) < 1e-5
+
+
+def test_silu_of_transformers_is_recognised():
+    """The Triton path is chosen only for SiLU experts; transformers' own SiLU class must count."""
+    from transformers.activations import ACT2FN
+
+    from peft_shared_moe.ops import is_silu
+
+    assert is_silu(ACT2FN["silu"]) and is_silu(torch.nn.SiLU()) and is_silu(F.silu)
+    assert not is_silu(ACT2FN["gelu"])

@@ -32,7 +32,10 @@ except ImportError:  # triton is optional at run time; the torch paths cover eve
 
 
 def is_silu(act_fn: Callable) -> bool:
-    return isinstance(act_fn, nn.SiLU) or act_fn is torch.nn.functional.silu
+    """The fused kernels hard-code SiLU; transformers builds it as its own `SiLUActivation`."""
+    from transformers.activations import SiLUActivation
+
+    return isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is torch.nn.functional.silu
 
 
 def _needs_autograd(tensors: list[torch.Tensor]) -> bool:
