@@ -9,6 +9,7 @@ from torch import nn
 from ..config import EXPERTS_TARGET, SharedMoeLoraConfig
 from .layer import EXPERT_FACTOR_KEYS, ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer, is_fused_experts
 
+
 def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str]:
     """Module name -> "experts" or "linear" for every module the config adapts.
 
