@@ -47,6 +47,21 @@ def is_fused_experts(module: nn.Module) -> bool:
     return layout_ok and two_i % 2 == 0 and tuple(down.shape) == (num_experts, hidden, two_i // 2)
 
 
+def expert_factor_shapes(
+    num_experts: int, hidden: int, inter: int, r: int, shared_outer: bool
+) -> dict[str, tuple[int, int, int]]:
+    """Factor attribute -> shape (REFERENCE §3); dim 0 is 1 for the shared factors."""
+    outer = 1 if shared_outer else num_experts
+    return {
+        "lora_gate_A": (outer, r, hidden),
+        "lora_gate_B": (num_experts, inter, r),
+        "lora_up_A": (outer, r, hidden),
+        "lora_up_B": (num_experts, inter, r),
+        "lora_down_A": (num_experts, r, inter),
+        "lora_down_B": (outer, hidden, r),
+    }
+
+
 def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
     # Kaiming-uniform with a = sqrt(5), as PEFT's LoRA initialises A: bound 1 / sqrt(fan_in).
     bound = 1.0 / math.sqrt(fan_in)
@@ -131,18 +146,6 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         num_experts, two_i, hidden = self.get_base_layer().gate_up_proj.shape
         return num_experts, hidden, two_i // 2
 
-    def expected_shapes(self, r: int, shared_outer: bool) -> dict[str, tuple[int, int, int]]:
-        num_experts, hidden, inter = self.dims
-        outer = 1 if shared_outer else num_experts
-        return {
-            "lora_gate_A": (outer, r, hidden),
-            "lora_gate_B": (num_experts, inter, r),
-            "lora_up_A": (outer, r, hidden),
-            "lora_up_B": (num_experts, inter, r),
-            "lora_down_A": (num_experts, r, inter),
-            "lora_down_B": (outer, hidden, r),
-        }
-
     def update_layer(self, adapter_name: str, config: SharedMoeLoraConfig) -> None:
         if config.r <= 0:
             raise ValueError(f"r must be a positive integer, got {config.r}")
@@ -150,7 +153,7 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         dtype, device = _adapter_dtype(base_param.dtype), base_param.device
         _, hidden, inter = self.dims
         fan_in = {"lora_gate_A": hidden, "lora_up_A": hidden, "lora_down_A": inter}
-        for attr, shape in self.expected_shapes(config.r, config.shared_outer).items():
+        for attr, shape in expert_factor_shapes(*self.dims, config.r, config.shared_outer).items():
             factor = torch.empty(shape, dtype=dtype, device=device)
             if attr in fan_in:
                 _uniform_(factor, fan_in[attr])

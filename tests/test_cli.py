@@ -1,0 +1,91 @@
+"""The `peft-shared-moe` console script: help, exit codes, and each subcommand end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_shared_moe import export_adapter, formats
+from peft_shared_moe.cli import main
+from tests.conftest import load
+from tests.test_formats import _logits, leftovers, shared_native  # noqa: F401,F811  (a fixture, used by name)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["convert", "--help"], ["shard", "--help"], ["merge", "--help"]])
+def test_help(argv, capsys):
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "usage: peft-shared-moe" in text
+    if argv == ["--help"]:
+        assert "exit codes" in text and "--experts-shared-outer-loras" in text and "E times the space" in text
+
+
+def test_convert_and_inspect(shared_native, tmp_path, capsys):
+    assert main(["convert", str(shared_native.path), str(tmp_path / "vllm"), "--to", "vllm", "--no-progress"]) == 0
+    want = export_adapter(shared_native.path, tmp_path / "api", format="vllm")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "vllm" / name).read_bytes() == (want / name).read_bytes()
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "vllm"), "--json", "--no-progress"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["format"], info["shared_outer"], info["num_experts"]) == ("vllm", True, 6)
+    assert main(["convert", str(tmp_path / "vllm"), str(tmp_path / "back"), "--to", "native", "--shared-outer", "no"]) == 0
+    assert load_file(tmp_path / "back" / "adapter_model.safetensors")[
+        "base_model.model.model.layers.0.mlp.experts.w1.lora_A.weight"
+    ].shape == (6, 4, 32)
+    assert main(["shard", str(shared_native.path), str(tmp_path / "tp"), "--tp", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "tp").iterdir()) == ["rank0", "rank1"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "{tmp}/nowhere"], "not an adapter directory"),
+        (["convert", "{src}", "{tmp}", "--to", "sglang"], "exists; pass overwrite=True (--force)"),
+        (["shard", "{src}", "{tmp}/tp3", "--tp", "3"], "cannot split evenly"),
+        (["convert", "{src}", "{tmp}/x", "--to", "onnx"], "invalid choice"),
+        (["shard", "{src}", "{tmp}/x"], "--tp"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(shared_native, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, src=shared_native.path) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_other_failures_exit_1(shared_native, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(formats, "convert_adapter", broken)
+    assert main(["convert", str(shared_native.path), str(tmp_path / "out"), "--to", "sglang"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "peft-shared-moe"
+    result = subprocess.run([str(script), "inspect", "/nonexistent/adapter"], capture_output=True, text=True)
+    assert result.returncode == 2 and "not an adapter directory" in result.stderr
+
+
+def test_merge_gives_a_checkpoint_with_the_adapter_logits(shared_native, qwen3_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sglang = export_adapter(shared_native.path, tmp_path / "sglang")  # merged through the import path
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", qwen3_path, "--adapter", str(sglang), "--out", str(out), "--no-progress"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged), shared_native.logits, rtol=1e-5, atol=1e-5)
+    assert (_logits(merged) - _logits(load(qwen3_path))).abs().max() > 1e-3  # the adapter did change the model
+    assert not leftovers(tmp_path)
+
+    assert main(["merge", "--base", qwen3_path, "--adapter", str(sglang), "--out", str(out)]) == 2  # exists
