@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,8 @@ import peft_shared_moe  # noqa: F401  (importing registers the adapter type with
 from peft_shared_moe import SharedMoeLoraConfig
 
 HERE = Path(__file__).resolve().parent
+# PEFT 0.21 probes a transformers-5 attribute that is deprecated: upstream noise, not ours.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 Example = dict[str, str]
 
 
@@ -41,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default=str(HERE / "tiny-qwen3-moe"), help="local base model directory")
     p.add_argument("--data", default=str(HERE / "data"), help="directory with train.jsonl and test.jsonl")
     p.add_argument("--output", default="runs/demo", help="where the adapter is saved")
-    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--max-steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--r", type=int, default=16)
@@ -82,23 +85,34 @@ class PadCollator:
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             max_new_tokens: int = 12, batch_size: int = 100) -> list[str]:
+def generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 12,
+    batch_size: int = 100,
+) -> list[str]:
     """Greedy, batched, left-padded (so every row's next token follows its prompt directly)."""
     model.eval()
     tokenizer.padding_side = "left"
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
         enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return outs
 
 
 @torch.no_grad()
-def completion_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: list[Example],
-                    batch_size: int = 100) -> float:
+def completion_loss(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: list[Example], batch_size: int = 100
+) -> float:
     """Mean cross-entropy per completion token (eos included): the held-out loss."""
     model.eval()
     collate = PadCollator(tokenizer.pad_token_id)
@@ -141,20 +155,35 @@ def main() -> int:
     print(f"base      : accuracy {before['accuracy']:.1%}  held-out loss {before['loss']:.3f}")
 
     # The library's whole public surface for training: one config, PEFT's usual entry point.
-    cfg = SharedMoeLoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=None,
-                              shared_outer=not args.per_expert)  # None = experts + q/k/v/o
+    cfg = SharedMoeLoraConfig(
+        r=args.r, lora_alpha=args.lora_alpha, target_modules=None, shared_outer=not args.per_expert
+    )  # None = experts + q/k/v/o
     model = peft.get_peft_model(base, cfg)
     model.print_trainable_parameters()
 
     training_args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=max(1, args.max_steps // 20),
-        weight_decay=0.0, logging_steps=max(1, args.max_steps // 20), save_strategy="no", report_to=[],
-        use_cpu=not torch.cuda.is_available(), seed=args.seed, disable_tqdm=False, remove_unused_columns=False,
+        output_dir=str(out / "trainer"),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        weight_decay=0.0,
+        logging_steps=max(1, args.max_steps // 25),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        disable_tqdm=False,
+        remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=[encode(tokenizer, ex) for ex in train],
-                      data_collator=PadCollator(tokenizer.pad_token_id))
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=[encode(tokenizer, ex) for ex in train],
+        data_collator=PadCollator(tokenizer.pad_token_id),
+    )
     t0 = time.time()
     trainer.train()
     train_time = time.time() - t0
@@ -168,7 +197,9 @@ def main() -> int:
     with model.disable_adapter():
         without_adapter = generate(model, tokenizer, [ex["prompt"] for ex in shown])
     for ex, a, b in zip(shown, with_adapter, without_adapter):
-        print(f"  {ex['prompt']!r}\n    expected {ex['completion'].strip()!r}  adapter {a.strip()!r}  base {b.strip()!r}")
+        print(
+            f"  {ex['prompt']!r}\n    expected {ex['completion'].strip()!r}  adapter {a.strip()!r}  base {b.strip()!r}"
+        )
 
     model.save_pretrained(out)
     adapter_bytes = sum(f.stat().st_size for f in out.glob("adapter_model.*"))
@@ -185,12 +216,16 @@ def main() -> int:
     reload_ok = torch.equal(a, b)
 
     print("\n=== shared-outer MoE LoRA demo report ===")
-    print(f"adapter          : r={args.r} alpha={args.lora_alpha} shared_outer={cfg.shared_outer} "
-          f"targets={cfg.resolved_target_modules()}")
+    print(
+        f"adapter          : r={args.r} alpha={args.lora_alpha} shared_outer={cfg.shared_outer} "
+        f"targets={cfg.resolved_target_modules()}"
+    )
     print(f"exact-match acc  : base {before['accuracy']:.1%} -> adapted {after['accuracy']:.1%}")
     print(f"held-out loss    : base {before['loss']:.3f} -> adapted {after['loss']:.3f}")
-    print(f"training loss    : first {losses[0]:.3f} -> last {losses[-1]:.3f} ({args.max_steps} steps, "
-          f"batch {args.batch_size}, lr {args.lr})")
+    print(
+        f"training loss    : first {losses[0]:.3f} -> last {losses[-1]:.3f} ({args.max_steps} steps, "
+        f"batch {args.batch_size}, lr {args.lr})"
+    )
     print(f"train time       : {train_time:.1f}s")
     print(f"adapter          : {out.resolve()} ({adapter_bytes / 1024:.1f} KiB)")
     print(f"reload check     : {'OK, identical logits' if reload_ok else 'FAILED'} (max |diff| {max_diff:.3g})")

@@ -116,8 +116,7 @@ def make_dataset(n_train: int = 4000, n_test: int = 200) -> None:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", rows[:n_train]), ("test", rows[n_train:])):
         with open(DATA_DIR / f"{name}.jsonl", "w") as f:
-            for row in part:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in part)
 
 
 def read_jsonl(path: Path) -> list[dict[str, str]]:
@@ -146,7 +145,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """Word-level tokenizer (one token per word / punctuation run), ``<bos>`` prepended.
 
     Word level keeps the reversal task well posed (one word = one token) and the vocabulary
-    small (~260 tokens) while still being a standard ``tokenizers`` pipeline.
+    small (~220 tokens) while still being a standard ``tokenizers`` pipeline.
     """
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -156,8 +155,13 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        model_max_length=64, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=64,
+        clean_up_tokenization_spaces=False,
     )
     return fast
 
@@ -186,8 +190,14 @@ def build_model(tokenizer: PreTrainedTokenizerFast) -> Qwen3MoeForCausalLM:
     return Qwen3MoeForCausalLM(config)
 
 
-def pretrain(model: Qwen3MoeForCausalLM, tokenizer: PreTrainedTokenizerFast, docs: list[str],
-             steps: int, batch_size: int = 32, lr: float = 3e-3) -> list[float]:
+def pretrain(
+    model: Qwen3MoeForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    docs: list[str],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+) -> list[float]:
     """Plain full-parameter causal-LM training with cosine decay; returns the loss curve."""
     enc = [tokenizer(d)["input_ids"] + [tokenizer.eos_token_id] for d in docs]
     gen = torch.Generator().manual_seed(SEED)
@@ -222,8 +232,9 @@ def pretrain(model: Qwen3MoeForCausalLM, tokenizer: PreTrainedTokenizerFast, doc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=600, help="pre-training steps")
+    parser.add_argument("--steps", type=int, default=3000, help="pre-training steps")
     parser.add_argument("--force-data", action="store_true", help="regenerate examples/data")
+    parser.add_argument("--out", type=Path, default=MODEL_DIR, help="where to save model + tokenizer")
     args = parser.parse_args()
 
     torch.set_num_threads(2)  # same thread count -> same float reductions -> same weights
@@ -237,8 +248,7 @@ def main() -> None:
 
     # The tokenizer sees all text (so every task word has a token), the model only `docs`.
     vocab_text = docs + [r["prompt"] + r["completion"] for r in train + test]
-    vocab_text += [" ".join(DETERMINERS + ADJECTIVES + NOUNS + VERBS + ADVERBS + PREPOSITIONS
-                            + CONNECTIVES)]
+    vocab_text += [" ".join(DETERMINERS + ADJECTIVES + NOUNS + VERBS + ADVERBS + PREPOSITIONS + CONNECTIVES)]
     tokenizer = build_tokenizer(vocab_text)
     model = build_model(tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
@@ -246,17 +256,24 @@ def main() -> None:
 
     t0 = time.time()
     losses = pretrain(model, tokenizer, docs, args.steps)
-    print(f"pre-training: {args.steps} steps in {time.time() - t0:.0f}s, "
-          f"loss {losses[0]:.3f} -> {sum(losses[-50:]) / 50:.3f}")
+    print(
+        f"pre-training: {args.steps} steps in {time.time() - t0:.0f}s, "
+        f"loss {losses[0]:.3f} -> {sum(losses[-50:]) / 50:.3f}"
+    )
 
-    MODEL_DIR.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.save_pretrained(MODEL_DIR, safe_serialization=True)
-    tokenizer.save_pretrained(MODEL_DIR)
-    size = sum(p.stat().st_size for p in MODEL_DIR.iterdir() if p.is_file())
-    print(f"saved to {MODEL_DIR} ({size / 1e6:.2f} MB)")
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    # transformers 5 records its new class name; the classic alias loads in 4.x and 5.x alike.
+    tok_cfg_path = args.out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    size = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
+    print(f"saved to {args.out} ({size / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":
