@@ -254,3 +254,20 @@ def test_gradcheck_on_one_wrapped_experts_layer(qwen3_path, shared):
         return layer(x, idx, w)
 
     assert torch.autograd.gradcheck(fn, (x, w, *factors), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_causal_lm_task_type(qwen3_path, tmp_path):
+    """task_type="CAUSAL_LM" gives PEFT's causal-LM wrapper; forward, generate and reload work there too."""
+    from peft import PeftModelForCausalLM
+
+    model = get_peft_model(load(qwen3_path), config(task_type="CAUSAL_LM"))
+    assert isinstance(model, PeftModelForCausalLM)
+    randomize_adapter(model, seed=6)
+    ids = input_ids()
+    want = logits(model, ids)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 12)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(load(qwen3_path), tmp_path)
+    assert isinstance(loaded, PeftModelForCausalLM)
+    assert torch.equal(logits(loaded, ids), want)
