@@ -28,9 +28,7 @@ import triton.language as tl
 
 @dataclass(frozen=True)
 class BlockRouting:
-    block_m: int
     num_pairs: int  # S = tokens * top_k
-    top_k: int
     sorted_pair_ids: torch.Tensor  # (max_blocks * block_m,) int32, pair id or S for padding
     expert_of_block: torch.Tensor  # (max_blocks,) int32, E past the last used block
     num_padded_rows: torch.Tensor  # (1,) int32
@@ -56,7 +54,6 @@ def align_pairs_to_blocks(top_k_index: torch.Tensor, num_experts: int, block_m: 
 
 
 def _align_torch(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> BlockRouting:
-    num_tokens, top_k = top_k_index.shape
     device = top_k_index.device
     flat_experts = top_k_index.reshape(-1).long()  # (S,)
     num_pairs = flat_experts.numel()
@@ -79,9 +76,7 @@ def _align_torch(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> B
     block_start = torch.arange(blocks, device=device) * block_m
     expert_of_block = torch.searchsorted(padded_end, block_start, right=True).to(torch.int32)
     return BlockRouting(
-        block_m=block_m,
         num_pairs=num_pairs,
-        top_k=top_k,
         sorted_pair_ids=sorted_pair_ids,
         expert_of_block=expert_of_block,
         num_padded_rows=padded_end[-1:].to(torch.int32),
@@ -137,8 +132,7 @@ def _align_small_kernel(
 
 
 def _align_small(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> BlockRouting:
-    num_tokens, top_k = top_k_index.shape
-    num_pairs = num_tokens * top_k
+    num_pairs = top_k_index.numel()
     device = top_k_index.device
     blocks = max_blocks(num_pairs, num_experts, block_m)
     sorted_pair_ids = torch.empty(blocks * block_m, dtype=torch.int32, device=device)
@@ -155,4 +149,4 @@ def _align_small(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> B
         CHUNK=64,
         num_warps=8,
     )
-    return BlockRouting(block_m, num_pairs, top_k, sorted_pair_ids, expert_of_block, num_padded_rows)
+    return BlockRouting(num_pairs, sorted_pair_ids, expert_of_block, num_padded_rows)

@@ -10,8 +10,8 @@ Worked example, T = 3 tokens, top-k = 2, E = 4 experts::
     tokens_per_expert = [2, 1, 2, 1]
     group_ends  = [2, 3, 5, 6]         (the `offs` of torch's grouped_mm)
 
-Row p of a "sorted" tensor belongs to token `token_of_pair[p]` and expert `expert_of_pair[p]`; rows of
-one expert are contiguous. Everything here stays on the device: no host synchronisation.
+Row p of a "sorted" tensor belongs to token `token_of_pair[p]`; the rows of one expert are
+contiguous and end at its `group_ends` entry. Everything here stays on the device: no host synchronisation.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ class ExpertRouting:
     num_experts: int
     pair_order: torch.Tensor  # (S,) flat pair index (token * top_k + slot) of each sorted row
     token_of_pair: torch.Tensor  # (S,) token of each sorted row
-    expert_of_pair: torch.Tensor  # (S,) expert of each sorted row, non-decreasing
     weight_of_pair: torch.Tensor  # (S,) routing weight of each sorted row
     tokens_per_expert: torch.Tensor  # (E,) int32
     group_ends: torch.Tensor  # (E,) int32, cumulative tokens_per_expert
@@ -52,7 +51,7 @@ def sort_pairs_by_expert(top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
         )
     num_tokens, top_k = top_k_index.shape
     flat_experts = top_k_index.reshape(-1)  # (S,)
-    sorted_experts, pair_order = torch.sort(flat_experts, stable=True)  # (S,), (S,)
+    _, pair_order = torch.sort(flat_experts, stable=True)  # (S,)
     tokens_per_expert = torch.zeros(num_experts, dtype=torch.int32, device=top_k_index.device)
     tokens_per_expert.scatter_add_(0, flat_experts.long(), torch.ones_like(flat_experts, dtype=torch.int32))
     return ExpertRouting(
@@ -61,7 +60,6 @@ def sort_pairs_by_expert(top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
         num_experts=num_experts,
         pair_order=pair_order,
         token_of_pair=pair_order // top_k,
-        expert_of_pair=sorted_experts,
         weight_of_pair=top_k_weights.reshape(-1)[pair_order],
         tokens_per_expert=tokens_per_expert,
         group_ends=torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32),

@@ -57,7 +57,7 @@ class ExpertLoraFactors:
 
 class GroupedLinear(Protocol):
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-        """(S, in) rows sorted by expert, weight (E, out, in) -> (S, out), row p times weight[expert_of_pair[p]].T"""
+        """(S, in) rows sorted by expert, weight (E, out, in) -> (S, out), each expert group times that expert's weight.T"""
         ...
 
 
