@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -11,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig  # noqa: E402
 
 import peft_shared_moe  # noqa: F401,E402  (registers the PEFT type)
@@ -107,3 +109,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class SavedAdapter:
+    """A saved native adapter and the logits of the model that saved it."""
+
+    def __init__(self, path, logits: torch.Tensor) -> None:
+        self.path, self.logits = path, logits
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / "adapter_model.safetensors")
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.path / "adapter_config.json").read_text())
+
+
+def model_logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids()).logits
+
+
+@pytest.fixture(scope="session")
+def shared_native(qwen3_path, tmp_path_factory) -> SavedAdapter:
+    """A shared-outer rsLoRA adapter with random factors, saved by PEFT."""
+    from peft import get_peft_model
+
+    from peft_shared_moe import SharedMoeLoraConfig
+
+    model = get_peft_model(load(qwen3_path), SharedMoeLoraConfig(r=4, lora_alpha=8, use_rslora=True))
+    randomize_adapter(model, seed=12)
+    path = tmp_path_factory.mktemp("shared_native") / "adapter"
+    model.save_pretrained(path)
+    return SavedAdapter(path, model_logits(model))

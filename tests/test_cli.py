@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from peft_shared_moe import export_adapter, formats
 from peft_shared_moe.cli import main
-from tests.conftest import load
-from tests.test_formats import _logits, leftovers, shared_native  # noqa: F401,F811  (a fixture, used by name)
+from tests.conftest import load, model_logits
+from tests.test_formats import leftovers
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["inspect", "--help"], ["convert", "--help"], ["shard", "--help"], ["merge", "--help"]])
@@ -76,7 +76,7 @@ def test_console_script_is_installed():
     assert result.returncode == 2 and "not an adapter directory" in result.stderr
 
 
-def test_merge_gives_a_checkpoint_with_the_adapter_logits(shared_native, qwen3_path, tmp_path):
+def test_merge_gives_a_checkpoint_with_the_adaptermodel_logits(shared_native, qwen3_path, tmp_path):
     from transformers import AutoModelForCausalLM
 
     sglang = export_adapter(shared_native.path, tmp_path / "sglang")  # merged through the import path
@@ -84,8 +84,8 @@ def test_merge_gives_a_checkpoint_with_the_adapter_logits(shared_native, qwen3_p
     assert main(["merge", "--base", qwen3_path, "--adapter", str(sglang), "--out", str(out), "--no-progress"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    torch.testing.assert_close(_logits(merged), shared_native.logits, rtol=1e-5, atol=1e-5)
-    assert (_logits(merged) - _logits(load(qwen3_path))).abs().max() > 1e-3  # the adapter did change the model
+    torch.testing.assert_close(model_logits(merged), shared_native.logits, rtol=1e-5, atol=1e-5)
+    assert (model_logits(merged) - model_logits(load(qwen3_path))).abs().max() > 1e-3  # the adapter did change the model
     assert not leftovers(tmp_path)
 
     assert main(["merge", "--base", qwen3_path, "--adapter", str(sglang), "--out", str(out)]) == 2  # exists

@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_shared_moe import SharedMoeLoraConfig, export_adapter, import_adapter, inspect_adapter, shard_adapter
-from tests.conftest import input_ids, load, qwen3_moe_config, randomize_adapter
+from tests.conftest import SavedAdapter, load, model_logits, qwen3_moe_config, randomize_adapter
 from tests.reference import naive_moe_lora
 
 E, H, I, R = 6, 32, 16, 4  # the tiny Qwen3-MoE of conftest (layer 1 is dense)
@@ -33,42 +33,13 @@ _NATIVE_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(w[123])\.(lora_[AB])\.weight$
 # ---- fixtures and hand-made layouts ---------------------------------------------------------
 
 
-class Adapter:
-    """A saved native adapter and the logits of the model that saved it."""
-
-    def __init__(self, path: Path, logits: torch.Tensor) -> None:
-        self.path, self.logits = path, logits
-
-    @property
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return load_file(self.path / "adapter_model.safetensors")
-
-    @property
-    def config(self) -> dict:
-        return json.loads((self.path / "adapter_config.json").read_text())
-
-
-def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=input_ids()).logits
-
-
 @pytest.fixture(scope="module", params=[True, False], ids=["shared", "per_expert"])
-def native(request, qwen3_path, tmp_path_factory) -> Adapter:
+def native(request, qwen3_path, tmp_path_factory) -> SavedAdapter:
     model = get_peft_model(load(qwen3_path), SharedMoeLoraConfig(r=R, lora_alpha=8, use_rslora=True, shared_outer=request.param))
     randomize_adapter(model, seed=11)
     path = tmp_path_factory.mktemp("native") / "adapter"
     model.save_pretrained(path)
-    return Adapter(path, _logits(model))
-
-
-@pytest.fixture(scope="module")
-def shared_native(qwen3_path, tmp_path_factory) -> Adapter:
-    model = get_peft_model(load(qwen3_path), SharedMoeLoraConfig(r=R, lora_alpha=8, use_rslora=True))
-    randomize_adapter(model, seed=12)
-    path = tmp_path_factory.mktemp("shared_native") / "adapter"
-    model.save_pretrained(path)
-    return Adapter(path, _logits(model))
+    return SavedAdapter(path, model_logits(model))
 
 
 def lora_config(**overrides) -> dict:
@@ -219,11 +190,11 @@ def test_import_accepts_layout(native, tmp_path, variant, qwen3_path):
 
 
 @pytest.mark.parametrize("variant", ["vllm", "fused-gate_up"])
-def test_imported_adapter_gives_the_same_logits(native, qwen3_path, tmp_path, variant):
+def test_imported_adapter_gives_the_samemodel_logits(native, qwen3_path, tmp_path, variant):
     given = per_expert(native.tensors) if variant == "vllm" else fused(native.tensors)
     src = save_adapter(tmp_path / "in", given, lora_config())
     model = PeftModel.from_pretrained(load(qwen3_path), import_adapter(src, tmp_path / "native"))
-    assert torch.equal(_logits(model), native.logits)
+    assert torch.equal(model_logits(model), native.logits)
 
 
 def test_identical_per_expert_copies_are_stored_shared_unless_one_differs_anywhere(shared_native, tmp_path):
@@ -255,7 +226,7 @@ def test_shared_outer_false_copies_shared_factors_to_every_expert(shared_native,
         want = value.expand(E, *value.shape[1:]) if ".experts." in key else value
         assert torch.equal(got[key], want), key
     model = PeftModel.from_pretrained(load(qwen3_path), out)
-    torch.testing.assert_close(_logits(model), shared_native.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model_logits(model), shared_native.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_layouts_name_the_first_conflicting_tensor(shared_native, tmp_path):
@@ -288,7 +259,7 @@ def test_attention_only_adapter(shared_native, qwen3_path, tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     model = PeftModel.from_pretrained(load(qwen3_path), out)
     assert_same_tensors(load_file(out / "adapter_model.safetensors"), dense)
-    assert (_logits(model) - _logits(load(qwen3_path))).abs().max() > 1e-3
+    assert (model_logits(model) - model_logits(load(qwen3_path))).abs().max() > 1e-3
 
 
 def test_bad_arguments(shared_native, tmp_path):
