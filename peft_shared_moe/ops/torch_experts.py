@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from .routing import ExpertRouting, sort_pairs_by_expert
 
 
+def is_shared(factor: torch.Tensor) -> bool:
+    """A hidden-size factor stored once for all experts: dim 0 == 1 (the serving layout's rule)."""
+    return factor.shape[0] == 1
+
+
 @dataclass(frozen=True)
 class ExpertLoraFactors:
     """One adapter's factors for one experts block, in the saved (serving) layout.
@@ -39,11 +44,11 @@ class ExpertLoraFactors:
 
     @property
     def shared_in(self) -> bool:
-        return self.gate_A.shape[0] == 1
+        return is_shared(self.gate_A)
 
     @property
     def shared_out(self) -> bool:
-        return self.down_B.shape[0] == 1
+        return is_shared(self.down_B)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -26,7 +26,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .block_routing import BlockRouting, align_pairs_to_blocks
 from .kernel_configs import KernelConfig, kernel_config
-from .torch_experts import ExpertLoraFactors
+from .torch_experts import ExpertLoraFactors, is_shared
 
 
 @triton.jit
@@ -332,7 +332,7 @@ def _fused_experts(
     h = torch.empty(num_pairs, inter, dtype=dtype, device=x.device)
     expand = None
     if packed is not None:
-        if packed.gate_up_A.shape[0] == 1:
+        if is_shared(packed.gate_up_A):
             a = x @ packed.gate_up_A[0].T  # (T, 2r): shared A once per token
             expand = (a, packed.gate_up_B, top_k, packed.scaling)
         else:
@@ -341,7 +341,7 @@ def _fused_experts(
             expand = (a, packed.gate_up_B, 1, packed.scaling)
     _launch(x, gate_up_proj, h, routing_up, config_up, x_row_div=top_k, gated=True, expand=expand)
 
-    rank_out = packed.down_B.shape[-1] if packed is not None and packed.down_B.shape[0] == 1 else 0
+    rank_out = packed.down_B.shape[-1] if packed is not None and is_shared(packed.down_B) else 0
     # Shared B_down: the routing-weighted shrink lands in `rank_out` extra columns beside the down
     # output, so one per-token sum reduces both.
     out = torch.empty(num_pairs, hidden + rank_out, dtype=dtype, device=x.device)

@@ -106,7 +106,7 @@ class SharedMoeLoraModel(BaseTuner):
         new_module = layer_cls(target, adapter_name, peft_config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
-        setattr(parent, target_name, new_module)
+        self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         # Our layers are built on their base layer's device already; only the attribute swap is left
