@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import measured_ceilings, time_ms, write_result  # noqa: E402
+from peft_shared_moe.factors import EXPERT_FACTORS, factor_shape  # noqa: E402
 from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors  # noqa: E402
 
 E, H, I, K, R = 128, 2048, 768, 8, 32
@@ -49,7 +50,7 @@ def make_experts(impl: str):
 def make_lora(shared: bool = True) -> ExpertLoraFactors:
     outer = 1 if shared else E
     g = lambda *s: torch.randn(*s, device="cuda") * 0.02  # noqa: E731  float32, as PEFT trains them
-    return ExpertLoraFactors(g(outer, R, H), g(E, I, R), g(outer, R, H), g(E, I, R), g(E, R, I), g(outer, H, R), 1.0)
+    return ExpertLoraFactors({f: g(*factor_shape(f, E, H, I, R, shared)) for f in EXPERT_FACTORS}, 1.0)
 
 
 def routing(tokens: int, seed: int):

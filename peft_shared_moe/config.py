@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
-PEFT_TYPE = "SHARED_MOE_LORA"
+
+
+class SharedMoePeftType(str, enum.Enum):
+    """Our `peft_type`, shaped like PEFT's own `PeftType` enum (a str with `.value`), which
+    transformers and PEFT code expect; it equals, hashes and serialises as the plain string."""
+
+    SHARED_MOE_LORA = "SHARED_MOE_LORA"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+PEFT_TYPE = SharedMoePeftType.SHARED_MOE_LORA
 
 # What Tinker trains when no targets are named: every experts block plus the attention projections.
 # The router (`gate`) and `lm_head` are never targeted by default.

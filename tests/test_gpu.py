@@ -9,7 +9,6 @@ from peft import PeftModel, get_peft_model
 from peft_shared_moe import SharedMoeLoraConfig
 from peft_shared_moe.tuners import ExpertsLoraLayer
 from tests.conftest import input_ids, load, randomize_adapter
-from peft_shared_moe.tuners.layer import EXPERT_FACTOR_KEYS
 from tests.reference import naive_moe_lora
 
 pytestmark = pytest.mark.gpu
@@ -29,7 +28,7 @@ def test_bf16_cuda_experts_layer_against_float64_loop(qwen3_path, shared):
     w = torch.softmax(torch.randn(T, k, generator=gen), -1).to(torch.bfloat16)
     got = layer(x.cuda(), idx.cuda(), w.cuda()).double().cpu()
     base = layer.get_base_layer()
-    factors = {saved: getattr(layer, attr)["default"].detach().cpu() for attr, saved in EXPERT_FACTOR_KEYS.items()}
+    factors = {name: t.detach().cpu() for name, t in layer.factor_params("default").items()}
     want = naive_moe_lora(x, idx, w, base.gate_up_proj.cpu(), base.down_proj.cpu(), factors, 2.0)
     assert ((got - want).norm() / want.norm()) < 1e-2
 

@@ -98,7 +98,7 @@ def test_switching_resident_adapters_of_different_ranks(qwen3_path):
             outputs.setdefault(name, got)
             assert torch.equal(outputs[name], got)  # no stale packed values after a switch
         # a modified factor is repacked, not served stale
-        layer.lora_gate_B["small"].mul_(2)
+        layer.w1.lora_B["small"].weight.mul_(2)
         model.set_adapter("small")
         assert not torch.equal(layer(x, idx, w), outputs["small"])
 

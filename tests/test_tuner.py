@@ -205,7 +205,7 @@ def test_several_adapters(qwen3_path, tmp_path):
     model.base_model.unmerge_adapter()
     model.delete_adapter("b")
     assert "b" not in model.peft_config
-    assert all("b" not in m.lora_gate_A for m in model.modules() if isinstance(m, ExpertsLoraLayer))
+    assert all("b" not in m.w1.lora_A for m in model.modules() if isinstance(m, ExpertsLoraLayer))
     model.set_adapter("a")
     torch.testing.assert_close(logits(model), out_a, rtol=0, atol=1e-5)
 

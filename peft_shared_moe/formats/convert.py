@@ -33,6 +33,7 @@ from .io import (
     open_adapter,
     write_config,
 )
+from ..factors import TP_SPLIT_DIM
 from .layouts import LAYOUTS, NATIVE_TO_PROJ, PREFIX, Factor, layer_groups, layer_index
 from .plan import AdapterPlan, read_plan
 
@@ -44,14 +45,13 @@ SHARD_INFO_NAME = "tp_shard.json"
 # slice of; every other factor is replicated. Experts: gate B and up B along I (matching the base
 # weight's packed_colwise split), down A along I. Linears: column-parallel ones split B along the
 # output, row-parallel ones split A along the input.
-EXPERT_TP_DIMS = {"w1.lora_B": 1, "w3.lora_B": 1, "w2.lora_A": 2}
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 
 def _tp_dim(factor: Factor) -> Optional[int]:
     if factor.is_expert:
-        return EXPERT_TP_DIMS.get(factor.name)
+        return TP_SPLIT_DIM.get(factor.name)
     leaf = factor.module.rsplit(".", 1)[-1]
     if leaf in COLUMN_PARALLEL:
         return 0 if factor.name == "lora_B" else None

@@ -17,15 +17,10 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from ..config import PEFT_TYPE
-from ..tuners.layer import EXPERT_FACTOR_KEYS
+from ..factors import EXPERT_FACTORS, OUTER_FACTORS, PROJECTIONS as NATIVE_TO_PROJ
 from .io import AdapterFormatError, Reader, TensorMeta
 
 PREFIX = "base_model.model."
-EXPERT_FACTORS = tuple(EXPERT_FACTOR_KEYS.values())  # w1.lora_A, w1.lora_B, w3.lora_A, ... (write order)
-# The factors that touch H; with shared-outer they are one tensor (dim 0 == 1) for all experts of a layer.
-OUTER_FACTORS = ("w1.lora_A", "w3.lora_A", "w2.lora_B")
-# Native projection names (w1 = gate, w3 = up, w2 = down) -> the gate/up/down_proj names (vLLM, SGLang).
-NATIVE_TO_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 FUSED = "gate_up_proj"
 
 LAYOUTS = {

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..tuners.layer import EXPERT_FACTOR_KEYS, expert_factor_shapes
+from ..factors import factor_shape
 from .base import BaseSpec, ExpertDims, LinearDims, base_modules
 from .io import AdapterFiles, AdapterFormatError, Reader, TensorMeta
 from .layouts import (
@@ -29,9 +29,8 @@ from .layouts import (
 
 
 def expert_shapes(dims: ExpertDims, r: int, shared_outer: bool) -> dict[str, tuple[int, ...]]:
-    """Native factor name -> shape, from the tuner's own table (one source for REFERENCE §3)."""
-    shapes = expert_factor_shapes(dims.num_experts, dims.hidden, dims.inter, r, shared_outer)
-    return {EXPERT_FACTOR_KEYS[attr]: shape for attr, shape in shapes.items()}
+    """Factor name -> shape, from the one factor table (peft_shared_moe/factors.py)."""
+    return {f: factor_shape(f, dims.num_experts, dims.hidden, dims.inter, r, shared_outer) for f in EXPERT_FACTORS}
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .experts_layout import ExpertsLayout, UnsupportedExpertsError, describe_experts
 from .routing import ExpertRouting, sort_pairs_by_expert
 from .torch_experts import ExpertLoraFactors, experts_forward, grouped_mm_linear, loop_grouped_linear
 
@@ -31,13 +32,6 @@ except ImportError:  # triton is optional at run time; the torch paths cover eve
     pass
 
 
-def is_silu(act_fn: Callable) -> bool:
-    """The fused kernels hard-code SiLU; transformers builds it as its own `SiLUActivation`."""
-    from transformers.activations import SiLUActivation
-
-    return isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is torch.nn.functional.silu
-
-
 def _needs_autograd(tensors: list[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -45,20 +39,18 @@ def _needs_autograd(tensors: list[torch.Tensor]) -> bool:
 def resolve_backend(
     name: str,
     hidden_states: torch.Tensor,
-    act_fn: Callable,
+    layout: ExpertsLayout,
     lora: Optional[ExpertLoraFactors] = None,
     weights: tuple[torch.Tensor, ...] = (),
 ) -> ExpertsBackend:
     """The backend function for a config's `backend` on this call.
 
-    "auto" runs the Triton kernels for CUDA inference of SiLU experts, and the torch path otherwise
-    (training, CPU, other activations).
+    "auto" runs the Triton kernels for CUDA inference of the layouts they implement, and the torch
+    path otherwise (training, CPU, other layouts and gates).
     """
     if name == "auto":
-        tensors = [hidden_states, *weights]
-        if lora is not None:
-            tensors += [lora.gate_A, lora.gate_B, lora.up_A, lora.up_B, lora.down_A, lora.down_B]
-        fused_ok = "triton" in EXPERTS_BACKENDS and hidden_states.is_cuda and is_silu(act_fn)
+        tensors = [hidden_states, *weights] + (lora.values() if lora is not None else [])
+        fused_ok = "triton" in EXPERTS_BACKENDS and hidden_states.is_cuda and layout.fused_kernels_ok
         name = "triton" if fused_ok and not _needs_autograd(tensors) else "torch"
     try:
         return EXPERTS_BACKENDS[name]
@@ -66,13 +58,26 @@ def resolve_backend(
         raise ValueError(f"unknown experts backend {name!r}; available: {sorted(EXPERTS_BACKENDS)} or 'auto'") from None
 
 
+def run_experts(
+    experts: nn.Module,
+    layout: ExpertsLayout,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    lora: Optional[ExpertLoraFactors] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One experts block's forward (base experts plus an optional adapter) on the chosen backend."""
+    weights = (experts.gate_up_proj, experts.down_proj)
+    fn = resolve_backend(backend, hidden_states, layout, lora, weights)
+    return fn(hidden_states, top_k_index, top_k_weights, *weights, experts.act_fn, lora=lora)
+
+
 def transformers_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """A base-only experts implementation for transformers' `ExpertsInterface`."""
-    weights = (self.gate_up_proj, self.down_proj)
-    backend = resolve_backend("auto", hidden_states, self.act_fn, weights=weights)
-    return backend(hidden_states, top_k_index, top_k_weights, *weights, self.act_fn)
+    return run_experts(self, describe_experts(self), hidden_states, top_k_index, top_k_weights)
 
 
 def register_transformers_experts_implementation(name: str = "peft_shared_moe") -> None:
@@ -85,9 +90,13 @@ def register_transformers_experts_implementation(name: str = "peft_shared_moe") 
 __all__ = [
     "EXPERTS_BACKENDS",
     "ExpertLoraFactors",
+    "ExpertsLayout",
+    "UnsupportedExpertsError",
+    "describe_experts",
     "ExpertRouting",
     "experts_forward",
     "register_transformers_experts_implementation",
     "resolve_backend",
+    "run_experts",
     "sort_pairs_by_expert",
 ]

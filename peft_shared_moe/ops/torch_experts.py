@@ -13,11 +13,12 @@ included). Shared factors are never expanded per expert or per pair:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Mapping, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from ..factors import EXPERT_FACTORS
 from .routing import ExpertRouting, sort_pairs_by_expert
 
 
@@ -28,36 +29,40 @@ def is_shared(factor: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class ExpertLoraFactors:
-    """One adapter's factors for one experts block, in the saved (serving) layout.
+    """One adapter's factors for one experts block, by factor name (`factors.EXPERT_FACTORS`).
 
-    Shared factors have dim 0 == 1: gate_A/up_A `[1|E, r, H]`, gate_B/up_B `[E, I, r]`,
-    down_A `[E, r, I]`, down_B `[1|E, H, r]`.
+    Shared factors have dim 0 == 1: w1/w3.lora_A `[1|E, r, H]`, w1/w3.lora_B `[E, I, r]`,
+    w2.lora_A `[E, r, I]`, w2.lora_B `[1|E, H, r]`.
     """
 
-    gate_A: torch.Tensor
-    gate_B: torch.Tensor
-    up_A: torch.Tensor
-    up_B: torch.Tensor
-    down_A: torch.Tensor
-    down_B: torch.Tensor
+    tensors: Mapping[str, torch.Tensor]
     scaling: float
+
+    def __post_init__(self) -> None:
+        if set(self.tensors) != set(EXPERT_FACTORS):
+            raise ValueError(f"expert LoRA factors must be exactly {EXPERT_FACTORS}, got {sorted(self.tensors)}")
+
+    def __getitem__(self, factor: str) -> torch.Tensor:
+        return self.tensors[factor]
+
+    def values(self) -> list[torch.Tensor]:
+        return [self.tensors[f] for f in EXPERT_FACTORS]
 
     @property
     def shared_in(self) -> bool:
-        return is_shared(self.gate_A)
+        return is_shared(self["w1.lora_A"])
 
     @property
     def shared_out(self) -> bool:
-        return is_shared(self.down_B)
+        return is_shared(self["w2.lora_B"])
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.gate_B.dtype
+        return self["w1.lora_B"].dtype
 
     def to(self, dtype: torch.dtype) -> "ExpertLoraFactors":
         """The same adapter in another dtype; a differentiable cast, gradients reach the originals."""
-        cast = [t.to(dtype) for t in (self.gate_A, self.gate_B, self.up_A, self.up_B, self.down_A, self.down_B)]
-        return ExpertLoraFactors(*cast, scaling=self.scaling)
+        return ExpertLoraFactors({f: t.to(dtype) for f, t in self.tensors.items()}, scaling=self.scaling)
 
 
 class GroupedLinear(Protocol):
@@ -133,12 +138,14 @@ def experts_forward(
         s = lora.scaling
         if lora.shared_in:
             # One (T, 2r) product for both shared A's, then gathered to pairs.
-            shared_A = torch.cat([lora.gate_A, lora.up_A], dim=1)  # (1, 2r, H)
+            shared_A = torch.cat([lora["w1.lora_A"], lora["w3.lora_A"]], dim=1)  # (1, 2r, H)
             a_gate, a_up = _per_token_lora_input(hidden_states, shared_A)[routing.token_of_pair].chunk(2, dim=-1)
         else:
-            a_gate = linear(x_pairs, lora.gate_A, routing)  # (S, r)
-            a_up = linear(x_pairs, lora.up_A, routing)  # (S, r)
-        delta = torch.cat([linear(a_gate, lora.gate_B, routing), linear(a_up, lora.up_B, routing)], dim=-1)  # (S, 2I)
+            a_gate = linear(x_pairs, lora["w1.lora_A"], routing)  # (S, r)
+            a_up = linear(x_pairs, lora["w3.lora_A"], routing)  # (S, r)
+        delta = torch.cat(
+            [linear(a_gate, lora["w1.lora_B"], routing), linear(a_up, lora["w3.lora_B"], routing)], dim=-1
+        )  # (S, 2I)
         gate_up = gate_up + (s * delta).to(base_dtype)
 
     gate, up = gate_up.split(two_i // 2, dim=-1)  # (S, I) each
@@ -147,13 +154,13 @@ def experts_forward(
 
     token_delta = None
     if lora is not None:
-        a_down = linear(h, lora.down_A, routing)  # (S, r)
+        a_down = linear(h, lora["w2.lora_A"], routing)  # (S, r)
         if lora.shared_out:
             # Routing-weighted sum of the rank-r activations per token, then B_down once per token.
             weighted = a_down * routing.weight_of_pair.unsqueeze(-1).to(a_down.dtype)  # (S, r)
-            token_delta = F.linear(routing.to_tokens(weighted), lora.down_B[0])  # (T, H)
+            token_delta = F.linear(routing.to_tokens(weighted), lora["w2.lora_B"][0])  # (T, H)
         else:
-            down = down + (s * linear(a_down, lora.down_B, routing)).to(base_dtype)
+            down = down + (s * linear(a_down, lora["w2.lora_B"], routing)).to(base_dtype)
 
     out = routing.to_tokens(down * routing.weight_of_pair.unsqueeze(-1).to(down.dtype))  # (T, H)
     if token_delta is not None:

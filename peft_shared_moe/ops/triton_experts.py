@@ -228,7 +228,7 @@ class PackedExpertLora:
     scaling: float
 
 
-# gate_B of an adapter -> (stamp of all its factors, packed factors); entries die with the adapter.
+# w1.lora_B of an adapter -> (stamp of all its factors, packed factors); entries die with the adapter.
 _PACKED = WeakIdKeyDictionary()
 
 
@@ -238,22 +238,22 @@ def pack_lora(lora: ExpertLoraFactors, dtype: torch.dtype) -> PackedExpertLora:
     Resident adapters are packed once, so switching the active adapter costs no copy per call.
     Under torch.compile the packing is traced into the graph instead (no cache there).
     """
-    factors = (lora.gate_A, lora.gate_B, lora.up_A, lora.up_B, lora.down_A, lora.down_B)
+    factors = lora.values()
     stamp = None
     if not torch.compiler.is_compiling():
         stamp = (dtype, lora.scaling) + tuple((t.data_ptr(), t._version) for t in factors)
-        cached = _PACKED.get(lora.gate_B)
+        cached = _PACKED.get(lora["w1.lora_B"])
         if cached is not None and cached[0] == stamp:
             return cached[1]
     packed = PackedExpertLora(
-        gate_up_A=torch.cat([lora.gate_A, lora.up_A], dim=1).to(dtype).contiguous(),
-        gate_up_B=torch.cat([lora.gate_B, lora.up_B], dim=1).to(dtype).contiguous(),
-        down_A=lora.down_A.to(dtype).contiguous(),
-        down_B=lora.down_B.to(dtype).contiguous(),
+        gate_up_A=torch.cat([lora["w1.lora_A"], lora["w3.lora_A"]], dim=1).to(dtype).contiguous(),
+        gate_up_B=torch.cat([lora["w1.lora_B"], lora["w3.lora_B"]], dim=1).to(dtype).contiguous(),
+        down_A=lora["w2.lora_A"].to(dtype).contiguous(),
+        down_B=lora["w2.lora_B"].to(dtype).contiguous(),
         scaling=lora.scaling,
     )
     if stamp is not None:
-        _PACKED[lora.gate_B] = (stamp, packed)
+        _PACKED[lora["w1.lora_B"]] = (stamp, packed)
     return packed
 
 

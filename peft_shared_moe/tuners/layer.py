@@ -16,50 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SharedMoeLoraConfig
-from ..ops import ExpertLoraFactors, resolve_backend
-
-# Model attribute of each expert factor -> its key in the saved (serving) layout, REFERENCE §3.
-# w1 = gate_proj, w3 = up_proj, w2 = down_proj.
-EXPERT_FACTOR_KEYS = {
-    "lora_gate_A": "w1.lora_A",
-    "lora_gate_B": "w1.lora_B",
-    "lora_up_A": "w3.lora_A",
-    "lora_up_B": "w3.lora_B",
-    "lora_down_A": "w2.lora_A",
-    "lora_down_B": "w2.lora_B",
-}
-
+from ..factors import EXPERT_FACTORS, PROJECTIONS, factor_shape, fan_in
+from ..ops import ExpertLoraFactors, describe_experts, run_experts
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """True for a transformers fused experts block: gate_up_proj (E, 2I, H), down_proj (E, H, I), act_fn.
-
-    Recognised by structure so every model with this layout (Qwen3-MoE, Qwen2-MoE, OLMoE,
-    Mixtral, ...) works; transposed, biased or interleaved variants (GPT-OSS) are refused.
-    """
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
-        return False
-    if gate_up.dim() != 3 or down.dim() != 3 or not callable(getattr(module, "act_fn", None)):
-        return False
-    num_experts, two_i, hidden = gate_up.shape
-    layout_ok = not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
-    layout_ok = layout_ok and getattr(module, "is_concatenated", True)
-    return layout_ok and two_i % 2 == 0 and tuple(down.shape) == (num_experts, hidden, two_i // 2)
-
-
-def expert_factor_shapes(
-    num_experts: int, hidden: int, inter: int, r: int, shared_outer: bool
-) -> dict[str, tuple[int, int, int]]:
-    """Factor attribute -> shape (REFERENCE §3); dim 0 is 1 for the shared factors."""
-    outer = 1 if shared_outer else num_experts
-    return {
-        "lora_gate_A": (outer, r, hidden),
-        "lora_gate_B": (num_experts, inter, r),
-        "lora_up_A": (outer, r, hidden),
-        "lora_up_B": (num_experts, inter, r),
-        "lora_down_A": (num_experts, r, inter),
-        "lora_down_B": (outer, hidden, r),
-    }
+    """True for a transformers fused experts block that this library adapts (raises for one it refuses)."""
+    return describe_experts(module) is not None
 
 
 def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -69,13 +31,13 @@ def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
         return tensor.uniform_(-bound, bound)
 
 
-def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
-    # Half-precision bases get float32 factors (what PEFT's autocast_adapter_dtype does anyway).
-    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+def _check_adapter_name(adapter_name: str) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
 
 
 class SharedMoeLoraLayer(BaseTunerLayer):
-    """What both adapter layers share: scaling bookkeeping and merge / unmerge through deltas."""
+    """What both adapter layers share: scaling bookkeeping, and merge / unmerge through deltas."""
 
     other_param_names = ("r", "lora_alpha", "scaling")
 
@@ -96,19 +58,34 @@ class SharedMoeLoraLayer(BaseTunerLayer):
         """The full-rank update each base parameter receives when `adapter_name` is merged."""
         raise NotImplementedError
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+    def _to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        # Adapters that do not sit on this layer are skipped: an adapter may target other layers only.
+        return [a for a in check_adapters_to_merge(self, adapter_names) if a in self.scaling]
+
+    def merged_values(self, adapter_names: list[str], safe_merge: bool) -> dict[str, torch.Tensor]:
+        """The base parameters after merging `adapter_names`, computed aside; raises before any write."""
         base = self.get_base_layer()
+        merged: dict[str, torch.Tensor] = {}
         for name in adapter_names:
-            deltas = self.delta_by_base_param(name)
-            merged = {p: getattr(base, p).data + deltas[p].to(getattr(base, p).dtype) for p in deltas}
-            if safe_merge:
-                broken = [p for p, t in merged.items() if not torch.isfinite(t).all()]
-                if broken:
-                    raise ValueError(f"merging adapter {name!r} would make {broken} non-finite; nothing was merged")
-            for p, value in merged.items():
-                getattr(base, p).data.copy_(value)
-            self.merged_adapters.append(name)
+            for p, delta in self.delta_by_base_param(name).items():
+                current = merged.get(p, getattr(base, p).data)
+                merged[p] = current + delta.to(current.dtype)
+        if safe_merge:
+            broken = [p for p, t in merged.items() if not torch.isfinite(t).all()]
+            if broken:
+                raise ValueError(
+                    f"merging adapter(s) {adapter_names} would make {broken} non-finite; nothing was merged"
+                )
+        return merged
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = self._to_merge(adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        for p, value in self.merged_values(adapter_names, safe_merge).items():
+            getattr(base, p).data.copy_(value)
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -124,58 +101,114 @@ class SharedMoeLoraLayer(BaseTunerLayer):
     def _active_here(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.scaling]
 
+    def factor_params(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """Factor name (ending in lora_A / lora_B) -> this adapter's parameter on this layer."""
+        return {name: getattr(self, name)[adapter_name].weight for name in self.adapter_layer_names}
+
+    def set_weighted_factors(
+        self, adapter_name: str, sources: list[str], weights: list[float], combination_type: str
+    ) -> None:
+        """Fill `adapter_name` (scaling 1) from `sources`, as PEFT's add_weighted_adapter does.
+
+        "cat": A_i scaled by w_i s_i and stacked along the rank, B_i stacked, so the delta is
+        exactly sum_i w_i s_i B_i A_i. "linear": A = sum_i sqrt(w_i s_i) A_i, likewise B.
+        Sources absent from this layer count as zero.
+        """
+        present = [(a, w * self.scaling[a]) for a, w in zip(sources, weights) if a in self.scaling]
+        with torch.no_grad():
+            for name, param in self.factor_params(adapter_name).items():
+                param.zero_()
+                rank_dim = param.dim() - (2 if name.endswith("lora_A") else 1)
+                parts = []
+                for source, coef in present:
+                    tensor = self.factor_params(source)[name].to(param.dtype)
+                    if combination_type == "cat":
+                        parts.append(tensor * coef if name.endswith("lora_A") else tensor)
+                    else:
+                        parts.append(tensor * math.sqrt(coef))
+                    if param.dim() == 3:  # a shared factor joining per-expert ones is copied per expert
+                        parts[-1] = parts[-1].expand(param.shape[0], *tensor.shape[1:])
+                if not parts:
+                    continue
+                combined = torch.cat(parts, dim=rank_dim) if combination_type == "cat" else sum(parts)
+                param.narrow(rank_dim, 0, combined.shape[rank_dim]).copy_(combined)
+
+
+class ExpertFactor(nn.Module):
+    """One 3D factor of one adapter. A module, so its key ends in `.weight` like every LoRA factor."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+class ProjectionLora(nn.Module):
+    """The `lora_A` and `lora_B` of one expert projection (w1, w3 or w2), one `ExpertFactor` per adapter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
 
 class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
-    """LoRA on a fused experts block, shared-outer or per-expert, keeping the block's forward signature."""
+    """LoRA on a fused experts block, shared-outer or per-expert, keeping the block's forward signature.
 
-    adapter_layer_names = tuple(EXPERT_FACTOR_KEYS)
+    Factors live at their saved names: `self.w1.lora_A[adapter].weight` is saved as
+    `experts.w1.lora_A.weight` (peft_shared_moe/factors.py).
+    """
+
+    adapter_layer_names = EXPERT_FACTORS
     other_param_names = SharedMoeLoraLayer.other_param_names + ("backend",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SharedMoeLoraConfig) -> None:
         super().__init__()
+        layout = describe_experts(base_layer)
+        if layout is None:
+            raise ValueError(f"{type(base_layer).__name__} is not a fused experts block")
         self._init_bookkeeping(base_layer)
+        self.layout = layout
         self.backend: dict[str, str] = {}
-        for attr in EXPERT_FACTOR_KEYS:
-            setattr(self, attr, nn.ParameterDict())
+        for proj in PROJECTIONS:
+            setattr(self, proj, ProjectionLora())
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    def __getattr__(self, name: str):
+        # PEFT reaches adapter state through getattr(layer, name) for each name in adapter_layer_names;
+        # ours are the dotted factor names ("w1.lora_A"), which resolve through the projection module.
+        if "." in name:
+            proj, _, side = name.partition(".")
+            return getattr(getattr(self, proj), side)
+        return super().__getattr__(name)
+
     @property
-    def dims(self) -> tuple[int, int, int]:
-        """(E, H, I) of the wrapped experts block."""
-        num_experts, two_i, hidden = self.get_base_layer().gate_up_proj.shape
-        return num_experts, hidden, two_i // 2
+    def in_features(self) -> int:
+        return self.layout.hidden
+
+    @property
+    def out_features(self) -> int:
+        return self.layout.hidden
 
     def update_layer(self, adapter_name: str, config: SharedMoeLoraConfig) -> None:
-        if config.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {config.r}")
+        _check_adapter_name(adapter_name)
         base_param = self.get_base_layer().gate_up_proj
-        dtype, device = _adapter_dtype(base_param.dtype), base_param.device
-        _, hidden, inter = self.dims
-        fan_in = {"lora_gate_A": hidden, "lora_up_A": hidden, "lora_down_A": inter}
-        for attr, shape in expert_factor_shapes(*self.dims, config.r, config.shared_outer).items():
-            factor = torch.empty(shape, dtype=dtype, device=device)
-            if attr in fan_in:
-                _uniform_(factor, fan_in[attr])
-            elif config.init_lora_weights:
-                nn.init.zeros_(factor)
+        num_experts, hidden, inter = self.layout.num_experts, self.layout.hidden, self.layout.inter
+        for factor in EXPERT_FACTORS:
+            shape = factor_shape(factor, num_experts, hidden, inter, config.r, config.shared_outer)
+            weight = torch.empty(shape, dtype=base_param.dtype, device=base_param.device)
+            if factor.endswith("lora_B") and config.init_lora_weights:
+                nn.init.zeros_(weight)
             else:
-                _uniform_(factor, config.r)
-            getattr(self, attr)[adapter_name] = nn.Parameter(factor)
+                _uniform_(weight, fan_in(factor, hidden, inter, config.r))
+            getattr(self, factor)[adapter_name] = ExpertFactor(weight)
         self._record_scaling(adapter_name, config)
         self.backend[adapter_name] = config.backend
         self.set_adapter(self.active_adapters)
 
     def factors(self, adapter_name: str) -> ExpertLoraFactors:
-        return ExpertLoraFactors(
-            gate_A=self.lora_gate_A[adapter_name],
-            gate_B=self.lora_gate_B[adapter_name],
-            up_A=self.lora_up_A[adapter_name],
-            up_B=self.lora_up_B[adapter_name],
-            down_A=self.lora_down_A[adapter_name],
-            down_B=self.lora_down_B[adapter_name],
-            scaling=self.scaling[adapter_name],
-        )
+        tensors = {f: getattr(self, f)[adapter_name].weight for f in EXPERT_FACTORS}
+        return ExpertLoraFactors(tensors, scaling=self.scaling[adapter_name])
 
     def combined_factors(self, adapter_names: list[str]) -> ExpertLoraFactors:
         """Several active adapters as one: factors concatenated along the rank, scalings folded into B.
@@ -186,30 +219,24 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         if len(adapter_names) == 1:
             return self.factors(adapter_names[0])
         parts = [self.factors(a) for a in adapter_names]
-        num_experts = self.dims[0]
+        dtype = parts[0].dtype
 
-        def cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+        def cat(factor: str) -> torch.Tensor:
+            tensors = [p[factor] * (p.scaling if factor.endswith("lora_B") else 1.0) for p in parts]
             if len({t.shape[0] for t in tensors}) > 1:
-                tensors = [t.expand(num_experts, *t.shape[1:]) for t in tensors]
-            return torch.cat([t.to(parts[0].dtype) for t in tensors], dim=dim)
+                tensors = [t.expand(self.layout.num_experts, *t.shape[1:]) for t in tensors]
+            return torch.cat([t.to(dtype) for t in tensors], dim=1 if factor.endswith("lora_A") else 2)
 
-        return ExpertLoraFactors(
-            gate_A=cat([p.gate_A for p in parts], 1),
-            gate_B=cat([p.scaling * p.gate_B for p in parts], 2),
-            up_A=cat([p.up_A for p in parts], 1),
-            up_B=cat([p.scaling * p.up_B for p in parts], 2),
-            down_A=cat([p.down_A for p in parts], 1),
-            down_B=cat([p.scaling * p.down_B for p in parts], 2),
-            scaling=1.0,
-        )
+        return ExpertLoraFactors({f: cat(f) for f in EXPERT_FACTORS}, scaling=1.0)
 
     def delta_by_base_param(self, adapter_name: str) -> dict[str, torch.Tensor]:
         f = self.factors(adapter_name)
         # Shared (1, ., .) factors broadcast over experts in the batched product.
-        gate = torch.matmul(f.gate_B, f.gate_A)  # (E, I, H)
-        up = torch.matmul(f.up_B, f.up_A)  # (E, I, H)
-        down = torch.matmul(f.down_B, f.down_A)  # (E, H, I)
-        return {"gate_up_proj": f.scaling * torch.cat([gate, up], dim=1), "down_proj": f.scaling * down}
+        gate = torch.matmul(f["w1.lora_B"], f["w1.lora_A"])  # (E, I, H)
+        up = torch.matmul(f["w3.lora_B"], f["w3.lora_A"])  # (E, I, H)
+        down = torch.matmul(f["w2.lora_B"], f["w2.lora_A"])  # (E, H, I)
+        s = f.scaling
+        return self.layout.storage_deltas(s * gate, s * up, s * down)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         base = self.get_base_layer()
@@ -221,9 +248,7 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         if self.merged or not active:
             return base(hidden_states, top_k_index, top_k_weights)
         lora = self.combined_factors(active)
-        weights = (base.gate_up_proj, base.down_proj)
-        backend = resolve_backend(self.backend[active[0]], hidden_states, base.act_fn, lora, weights)
-        return backend(hidden_states, top_k_index, top_k_weights, *weights, base.act_fn, lora=lora)
+        return run_experts(base, self.layout, hidden_states, top_k_index, top_k_weights, lora, self.backend[active[0]])
 
     def __repr__(self) -> str:
         return "shared_moe_lora." + super().__repr__()
@@ -238,6 +263,7 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config: SharedMoeLoraConfig) -> None:
         super().__init__()
         self._init_bookkeeping(base_layer)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -245,10 +271,9 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: SharedMoeLoraConfig) -> None:
-        if config.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {config.r}")
+        _check_adapter_name(adapter_name)
         base = self.get_base_layer()
-        dtype, device = _adapter_dtype(base.weight.dtype), base.weight.device
+        dtype, device = base.weight.dtype, base.weight.device
         lora_A = nn.Linear(base.in_features, config.r, bias=False, device=device, dtype=dtype)
         lora_B = nn.Linear(config.r, base.out_features, bias=False, device=device, dtype=dtype)
         _uniform_(lora_A.weight, base.in_features)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Optional
+
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..config import EXPERTS_TARGET, SharedMoeLoraConfig
-from .layer import EXPERT_FACTOR_KEYS, ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer, is_fused_experts
+from ..ops import UnsupportedExpertsError
+from .layer import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer, is_fused_experts
 
 
 def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str]:
@@ -21,19 +26,26 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     targets: dict[str, str] = {}
     matched: set[str] = set()
     inside_adapter: list[str] = []
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    output_embeddings = get_output_embeddings() if callable(get_output_embeddings) else None
     for key, module in model.named_modules():
         if any(key.startswith(prefix) for prefix in inside_adapter):
             continue
         if isinstance(module, BaseTunerLayer):
             inside_adapter.append(key + ".")
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if EXPERTS_TARGET in names and is_fused_experts(base):
+        if EXPERTS_TARGET in names and _is_adaptable_experts(key, base):
             targets[key] = "experts"
             matched.add(EXPERTS_TARGET)
             continue
         hits = [n for n in linear_names if key == n or key.endswith("." + n)]
         if not hits:
             continue
+        if base is output_embeddings:
+            raise ValueError(
+                f"target {hits[0]!r} matched {key!r}, the output embeddings (lm_head): serving engines' LoRA formats "
+                f"and PEFT's tied-weights handling treat it apart, so it is not supported; target the decoder layers"
+            )
         if not isinstance(base, nn.Linear):
             raise ValueError(
                 f"target {hits[0]!r} matched module {key!r} of type {type(base).__name__}; expected an nn.Linear "
@@ -52,6 +64,13 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     return targets
 
 
+def _is_adaptable_experts(key: str, module: nn.Module) -> bool:
+    try:
+        return is_fused_experts(module)
+    except UnsupportedExpertsError as error:
+        raise UnsupportedExpertsError(f"cannot adapt {key!r}: {error}") from None
+
+
 def _expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
     """Model key -> shape of every LoRA factor of `adapter_name`."""
     own = (f".{adapter_name}.", f".{adapter_name}")
@@ -65,8 +84,8 @@ def _expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, t
 class SharedMoeLoraModel(BaseTuner):
     """Wraps fused experts blocks in `ExpertsLoraLayer` and linears in `LinearLoraLayer`.
 
-    Factors live under descriptive names (`lora_gate_A`, ...); `_remove_adapter_name_from_key`
-    maps them to the serving layout (`w1.lora_A.weight`, ...), and PEFT inverts that map on load.
+    Factors live at their saved names (`experts.w1.lora_A[adapter].weight`), so PEFT's own key
+    mapping saves and loads the serving layout; `check_adapter_state_dict` refuses anything else.
     """
 
     prefix: str = "lora_"
@@ -75,6 +94,9 @@ class SharedMoeLoraModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         self._targets = find_targets(model, self.peft_config[adapter_name])
+        if not any(isinstance(m, SharedMoeLoraLayer) for m in model.modules()):
+            # What a failed first load must restore (PEFT freezes the base while injecting).
+            self._requires_grad_before_injection = {n: p.requires_grad for n, p in model.named_parameters()}
         super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _check_target_module_exists(self, peft_config: SharedMoeLoraConfig, key: str) -> bool:
@@ -113,31 +135,130 @@ class SharedMoeLoraModel(BaseTuner):
         # (PEFT's version assumes a `.weight`, which experts blocks do not have).
         setattr(parent, child_name, new_module)
 
-    # ---- saved key layout -------------------------------------------------------------------
+    # ---- trainable biases (bias="all" / "lora_only", as LoraConfig) ---------------------------
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        if any(getattr(self.peft_config[a], "bias", "none") == "lora_only" for a in self.active_adapters):
+            for _, param in _lora_only_biases(model):
+                param.requires_grad = True
 
     @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        parts = key.rsplit(".", 2)
-        if len(parts) >= 2 and parts[-1] == adapter_name and parts[-2] in EXPERT_FACTOR_KEYS:
-            module = parts[0] + "." if len(parts) == 3 else ""
-            return f"{module}{EXPERT_FACTOR_KEYS[parts[-2]]}.weight"
-        return super()._remove_adapter_name_from_key(key, adapter_name)
+    def _get_learnable_bias_state_dict(
+        cls, model: nn.Module, state_dict: dict[str, torch.Tensor], config: SharedMoeLoraConfig
+    ) -> dict[str, torch.Tensor]:
+        selected = super()._get_learnable_bias_state_dict(model, state_dict, config)
+        if getattr(config, "bias", "none") == "lora_only":
+            selected.update({k: state_dict[k] for k, _ in _lora_only_biases(model) if k in state_dict})
+        return selected
+
+    # ---- forward arguments --------------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError(
+                "adapter_names=[...] (a different adapter per sample) is not supported by SHARED_MOE_LORA yet; "
+                "call set_adapter(name) and run each adapter's samples as their own batch"
+            )
+        yield
+
+    # ---- merging: every layer is checked before any base weight changes ----------------------
+
+    def _check_all_merges(self, adapter_names: Optional[list[str]], safe_merge: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, SharedMoeLoraLayer) and not module.merged:
+                names = module._to_merge(adapter_names)
+                if names:
+                    module.merged_values(names, safe_merge)  # computed aside and dropped: raises on a bad layer
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_merge_allowed()
+        self._check_all_merges(adapter_names, safe_merge)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False,
+                                     adapter_names: Optional[list[str]] = None):
+        if merge:
+            self._check_merge_allowed()
+            self._check_all_merges(adapter_names, safe_merge)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+    # ---- combining adapters ------------------------------------------------------------------
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "cat"
+    ) -> None:
+        """A new adapter from existing ones, with PEFT's `LoraModel.add_weighted_adapter` semantics.
+
+        "cat" is exact: ranks add up and the delta is sum_i w_i * delta_i. "linear" averages the
+        factors themselves (A = sum sqrt(w_i s_i) A_i, likewise B), which needs equal ranks and is
+        not the weighted sum of the deltas. The new adapter has scaling 1 (lora_alpha = r).
+        """
+        if combination_type not in COMBINATION_TYPES:
+            raise NotImplementedError(
+                f"combination_type={combination_type!r} is not supported by SHARED_MOE_LORA; use one of {COMBINATION_TYPES}"
+            )
+        missing = [a for a in adapters if a not in self.peft_config]
+        if not adapters or missing or len(weights) != len(adapters):
+            raise ValueError(
+                f"add_weighted_adapter needs existing adapters and one weight each; unknown {missing}, "
+                f"{len(adapters)} adapters and {len(weights)} weights"
+            )
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        configs = [self.peft_config[a] for a in adapters]
+        ranks = [c.r for c in configs]
+        if combination_type == "linear" and len(set(ranks)) > 1:
+            raise ValueError(f"combination_type='linear' needs adapters of one rank, got ranks {ranks}")
+        if combination_type == "linear" and any(w * c.scaling < 0 for w, c in zip(weights, configs)):
+            raise ValueError("combination_type='linear' takes the square root of weight * scaling: weights must be >= 0")
+        new_rank = sum(ranks) if combination_type == "cat" else ranks[0]
+        targets: list[str] = []
+        for config in configs:
+            targets += [t for t in config.resolved_target_modules() if t not in targets]
+        self.peft_config[adapter_name] = replace(
+            configs[0], r=new_rank, lora_alpha=new_rank, use_rslora=False, target_modules=targets,
+            shared_outer=all(c.shared_outer for c in configs),
+        )
+        self.inject_adapter(self.model, adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, SharedMoeLoraLayer) and adapter_name in module.scaling:
+                module.set_weighted_factors(adapter_name, adapters, weights, combination_type)
+        self.set_adapter(self.active_adapters)
+
+    # ---- loading -----------------------------------------------------------------------------
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: SharedMoeLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        cls.check_adapter_state_dict(model, adapter_name, remapped)
+        try:
+            cls.check_adapter_state_dict(model, adapter_name, remapped, config)
+        except ValueError:
+            _undo_injection(model, adapter_name)
+            raise
         return remapped
 
     @classmethod
-    def check_adapter_state_dict(cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-        """Refuse, before any weight is written, an adapter whose keys or shapes do not fit the model.
+    def check_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        config: Optional[SharedMoeLoraConfig] = None,
+    ) -> None:
+        """Refuse, before any weight is written, an adapter that is not exactly this adapter's factors.
 
-        `state_dict` has model keys; errors name the checkpoint keys, which is what the user has.
+        Every key must be a factor of `adapter_name` with its shape (or, with `bias` other than
+        "none", a trainable bias), and every factor must be there. `state_dict` has model keys;
+        errors name the checkpoint keys, which is what the user has.
         """
         expected = _expected_adapter_shapes(model, adapter_name)
+        biases = _trainable_bias_names(model, getattr(config, "bias", "none"))
         saved_name = lambda key: cls._remove_adapter_name_from_key(key, adapter_name)  # noqa: E731
         problems = []
         for key, tensor in state_dict.items():
@@ -146,10 +267,60 @@ class SharedMoeLoraModel(BaseTuner):
                     problems.append(
                         f"{saved_name(key)}: expected shape {list(expected[key])}, found {list(tensor.shape)}"
                     )
-            elif ".lora_" in key:
-                problems.append(f"{key}: no such adapter tensor in the model (unknown key, or a layer/target mismatch)")
+            elif _strip_model_prefix(key) not in biases:
+                problems.append(
+                    f"{saved_name(key)}: not a factor of this adapter (an adapter holds only the LoRA factors of its "
+                    f"target modules; base weights, lm_head and unknown keys are refused)"
+                )
         missing = sorted(saved_name(k) for k in expected if k not in state_dict)
         if missing:
             problems.append(f"missing from the adapter: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if problems:
-            raise ValueError(f"adapter {adapter_name!r} does not fit the model:\n  " + "\n  ".join(problems))
+            raise ValueError(f"adapter {adapter_name!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
+
+
+COMBINATION_TYPES = ("cat", "linear")
+
+
+def _strip_model_prefix(key: str) -> str:
+    return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+
+
+def _lora_only_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(state-dict key, parameter) of the biases of every adapted base layer."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, SharedMoeLoraLayer):
+            for pname, param in module.get_base_layer().named_parameters(recurse=False):
+                if pname == "bias" or pname.endswith("_bias"):
+                    found.append((f"{name}.base_layer.{pname}", param))
+    return found
+
+
+def _trainable_bias_names(model: nn.Module, bias: str) -> set[str]:
+    if bias == "all":
+        return {_strip_model_prefix(k) for k, _ in model.named_parameters() if k == "bias" or k.endswith("bias")}
+    if bias == "lora_only":
+        return {_strip_model_prefix(k) for k, _ in _lora_only_biases(model)}
+    return set()
+
+
+def _undo_injection(peft_model: nn.Module, adapter_name: str) -> None:
+    """Take a failed load's adapter out again, so the caller's model is as it was before the load."""
+    tuner = getattr(peft_model, "base_model", peft_model)
+    if not isinstance(tuner, SharedMoeLoraModel):
+        return
+    for name, module in list(tuner.model.named_modules()):
+        if not isinstance(module, SharedMoeLoraLayer) or adapter_name not in module.scaling:
+            continue
+        if set(module.scaling) == {adapter_name}:
+            parent_name, _, child = name.rpartition(".")
+            setattr(tuner.model.get_submodule(parent_name) if parent_name else tuner.model, child, module.get_base_layer())
+        else:
+            module.delete_adapter(adapter_name)
+    tuner.peft_config.pop(adapter_name, None)
+    before = getattr(tuner, "_requires_grad_before_injection", None)
+    if before is not None and not any(isinstance(m, SharedMoeLoraLayer) for m in tuner.model.modules()):
+        for pname, param in tuner.model.named_parameters():
+            if pname in before:
+                param.requires_grad = before[pname]
