@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
@@ -16,12 +17,6 @@ class SharedMoePeftType(str, enum.Enum):
 
     SHARED_MOE_LORA = "SHARED_MOE_LORA"
 
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
 
 PEFT_TYPE = SharedMoePeftType.SHARED_MOE_LORA
 
@@ -30,6 +25,13 @@ PEFT_TYPE = SharedMoePeftType.SHARED_MOE_LORA
 DEFAULT_TARGET_MODULES = ("experts", "q_proj", "k_proj", "v_proj", "o_proj")
 EXPERTS_TARGET = "experts"
 BACKENDS = ("auto", "torch", "loop", "triton")
+LOADING_NOTE = (
+    "## Loading this adapter\n\n"
+    "This is a `SHARED_MOE_LORA` adapter (shared-outer MoE LoRA). Run `import peft_shared_moe` before\n"
+    "`PeftModel.from_pretrained`, `model.load_adapter` or `AutoModelForCausalLM.from_pretrained`: the import\n"
+    "registers the adapter type with PEFT. For serving engines (SGLang, vLLM) export it with\n"
+    "`peft-shared-moe convert ADAPTER OUT --to sglang` (or `vllm`)."
+)
 
 
 @dataclass
@@ -78,6 +80,15 @@ class SharedMoeLoraConfig(PeftConfig):
             )
         },
     )
+    bias: Literal["none", "all", "lora_only"] = field(
+        default="none",
+        metadata={
+            "help": (
+                "Biases to train and save, as in PEFT's LoraConfig: 'none'; 'all' (every bias of the model); "
+                "'lora_only' (the biases of the adapted layers)."
+            )
+        },
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules to train fully and save, as in PEFT's LoRA."}
     )
@@ -99,6 +110,14 @@ class SharedMoeLoraConfig(PeftConfig):
                 raise ValueError(
                     f"SharedMoeLoraConfig.target_modules must be non-empty names, got {self.target_modules!r}"
                 )
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Also tell the reader of the adapter's README (which PEFT writes first) how to load it."""
+        super().save_pretrained(save_directory, **kwargs)
+        readme = Path(save_directory) / "README.md"
+        text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+        if LOADING_NOTE not in text:
+            readme.write_text(text.rstrip("\n") + ("\n\n" if text else "") + LOADING_NOTE + "\n", encoding="utf-8")
 
     @property
     def scaling(self) -> float:

@@ -143,11 +143,17 @@ def test_generate_greedy_and_sampling_with_padding(qwen3_path):
     greedy = model.generate(**kwargs, do_sample=False)
     assert greedy.shape == (2, 11)
 
+    torch.manual_seed(0)
+    sampled = model.generate(**kwargs, do_sample=True, top_k=10)
+    with model.disable_adapter():
+        torch.manual_seed(0)
+        sampled_base = model.generate(**kwargs, do_sample=True, top_k=10)
     merged = model.merge_and_unload()
     assert torch.equal(merged.generate(**kwargs, do_sample=False), greedy)
     torch.manual_seed(0)
-    sampled = merged.generate(**kwargs, do_sample=True, top_k=10)
-    assert sampled.shape == (2, 11) and torch.equal(sampled[:, :6], ids)
+    # the same draws through the merged weights pick the same tokens; the base picks others
+    assert torch.equal(merged.generate(**kwargs, do_sample=True, top_k=10), sampled)
+    assert not torch.equal(sampled, sampled_base)
 
 
 def test_generate_with_fresh_adapter_equals_base(qwen3_path):
@@ -227,15 +233,6 @@ def test_merge_unmerge_merge_and_unload(qwen3_path, shared):
     assert not any(".lora_" in n or "base_layer" in n for n, _ in merged.named_parameters())
     assert merged.state_dict().keys() == base_state.keys()
     torch.testing.assert_close(logits(merged), unmerged, rtol=1e-4, atol=1e-4)
-
-
-def test_device_map_keeps_factors_on_their_layer_device(qwen3_path):
-    base = load(qwen3_path, device_map="auto")
-    model = get_peft_model(base, config())
-    for module in model.modules():
-        if isinstance(module, ExpertsLoraLayer):
-            device = module.get_base_layer().gate_up_proj.device
-            assert all(p.device == device for n, p in module.named_parameters() if ".lora_" in "." + n or "lora_" in n)
 
 
 @pytest.mark.parametrize("shared", [True, False])
