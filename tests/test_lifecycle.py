@@ -288,3 +288,56 @@ def test_lm_head_target_is_refused(qwen3_path):
     with pytest.raises(ValueError, match="lm_head"):
         get_peft_model(base, config(target_modules=["experts", "lm_head"]))
     assert_unchanged(base, before)
+
+
+# ---- multi-process training -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_factor_gradients_have_their_parameters_strides(qwen3_path, shared):
+    """DDP buckets assume grad strides == param strides ("Grad strides do not match bucket view
+    strides" otherwise); a parameter concatenated with another on the hot path breaks it."""
+    model = get_peft_model(load(qwen3_path), config(shared_outer=shared, init_lora_weights=False))
+    ids = input_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    factors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert factors and all(p.grad is not None for p in factors.values())
+    assert {n: p.grad.stride() for n, p in factors.items()} == {n: p.stride() for n, p in factors.items()}
+
+
+def _ddp_step(rank: int, path: str, port: int, out: str) -> None:
+    import os
+    import warnings
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = get_peft_model(load(path), config(init_lora_weights=False))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids = input_ids(seed=rank)
+            ddp(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"warnings": [str(w.message) for w in caught], "grads": grads}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_on_two_cpu_processes_without_stride_warnings(qwen3_path, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_step, args=(qwen3_path, port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for result in ranks:
+        assert not [w for w in result["warnings"] if "stride" in w.lower()]
+    # the all-reduced gradients agree across ranks, and every factor got one
+    assert ranks[0]["grads"].keys() == ranks[1]["grads"].keys() and len(ranks[0]["grads"]) > 6
+    for name, grad in ranks[0]["grads"].items():
+        torch.testing.assert_close(grad, ranks[1]["grads"][name], rtol=0, atol=0, msg=name)
