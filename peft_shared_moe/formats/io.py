@@ -150,12 +150,7 @@ def open_adapter(path: PathLike, allow_pickle: bool = False) -> AdapterFiles:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterFormatError(f"{path}: no {CONFIG_NAME} (found {sorted(os.listdir(path))})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFormatError(f"{config_path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+    config = read_json_object(config_path)
     if (path / SAFETENSORS_NAME).is_file():
         reader: Reader = SafetensorsReader(path / SAFETENSORS_NAME)
     elif (path / PICKLE_NAME).is_file():
@@ -169,6 +164,21 @@ def open_adapter(path: PathLike, allow_pickle: bool = False) -> AdapterFiles:
     else:
         raise AdapterFormatError(f"{path}: no {SAFETENSORS_NAME} (found {sorted(os.listdir(path))})")
     return AdapterFiles(path, config, reader)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Parse `path` as one JSON object; anything else is an `AdapterFormatError` naming the file.
+
+    ValueError covers bad syntax, bad UTF-8 and numbers too long to convert; RecursionError is what
+    the parser raises on deeply nested arrays, which is bad input, not a fault of ours.
+    """
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:
+        raise AdapterFormatError(f"{path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from err
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 class SafetensorsStreamWriter:
@@ -187,7 +197,7 @@ class SafetensorsStreamWriter:
                 raise RuntimeError(f"duplicate output tensor {name}")
             header[name] = {"dtype": DTYPE_NAMES[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
             offset += meta.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self._pending = iter(list(specs))
         self._file = open(path, "wb")
@@ -256,4 +266,4 @@ def write_config(directory: Path, config, name: str = CONFIG_NAME) -> None:
     """Write a PEFT config (or a plain dict) as PEFT does, with sets as sorted lists so output is stable."""
     data = config if isinstance(config, dict) else config.to_dict()
     data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
-    (directory / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (directory / name).write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
