@@ -46,6 +46,8 @@ def merge_adapter(
     base_dir = Path(base)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"base {base_dir}: expected a local model directory holding config.json")
+    if not any(base_dir.glob("*.safetensors")) and not any(base_dir.glob("*.bin")):
+        raise FileNotFoundError(f"base {base_dir}: no weights (expected *.safetensors files, or *.bin files)")
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     inputs = [base_dir, adapter]
