@@ -146,7 +146,7 @@ def _run(args: argparse.Namespace) -> None:
     common = dict(allow_pickle=args.allow_pickle, progress=progress)
     if args.command == "inspect":
         info = formats.inspect_adapter(args.path, base=args.base, read_values=not args.header_only, **common)
-        print(json.dumps(info.to_dict(), indent=2) if args.json else info)
+        print(json.dumps(info.to_dict(), indent=2, allow_nan=False) if args.json else info)
     elif args.command == "convert":
         formats.convert_adapter(args.src, args.dst, args.to, shared_outer=SHARED_CHOICES[args.shared_outer],
                                 base=args.base, overwrite=args.force, **common)
