@@ -69,7 +69,8 @@ def _common(*, base: bool = True, write: bool = True) -> argparse.ArgumentParser
     parent.add_argument("--no-progress", action="store_true",
                         help="no progress bars at all, transformers' included (default: ours on a terminal only)")
     if write:
-        parent.add_argument("--force", action="store_true", help="replace the destination if it exists")
+        parent.add_argument("--force", action="store_true",
+                            help="replace the destination if it is an existing directory (never an input, never a file)")
     return parent
 
 
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.split("\n\nexamples:")[0],
     )
     convert.add_argument("src", help="adapter directory to read")
-    convert.add_argument("dst", help="directory to write (must not exist unless --force)")
+    convert.add_argument("dst", help="directory to write (must not exist unless --force; never an input or inside one)")
     convert.add_argument("--to", required=True, choices=("native", "sglang", "tinker", "vllm"), help="output format")
     _shared_option(convert)
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and down B replicated; q/k/v B along the output, o_proj A along the input, the rest replicated.",
     )
     shard.add_argument("src", help="adapter directory to read")
-    shard.add_argument("dst", help="directory to write; it gets rank0/ ... rank{N-1}/")
+    shard.add_argument("dst", help="directory to write (never an input or inside one); it gets rank0/ ... rank{N-1}/")
     shard.add_argument("--tp", type=int, required=True, metavar="N", help="tensor-parallel size")
     shard.add_argument("--format", default="native", choices=("native", "sglang", "tinker", "vllm"),
                        help="layout of each rank's adapter (default: native)")
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--base", required=True, metavar="MODEL", help="local base model directory")
     merge.add_argument("--adapter", required=True, help="adapter directory")
-    merge.add_argument("--out", required=True, metavar="DIR", help="directory for the merged checkpoint")
+    merge.add_argument("--out", required=True, metavar="DIR",
+                       help="directory for the merged checkpoint (never the base, the adapter or inside them)")
     merge.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="dtype to load and save the model in (default: the checkpoint's)")
     return parser

@@ -84,8 +84,9 @@ def test_inputs_reached_through_links_to_files_are_protected(shared_native, tmp_
     adapter.mkdir()
     shutil.copy(shared_native.path / CONFIG, adapter / CONFIG)
     (adapter / ST).symlink_to(blobs / "weights")
+    os.link(blobs / "weights", tmp_path / "hard_link")  # the same file under another name
     before = snapshot(tmp_path)
-    for dst in (blobs / "weights", blobs, blobs / ".." / "blobs" / "weights"):
+    for dst in (blobs / "weights", blobs, blobs / ".." / "blobs" / "weights", tmp_path / "hard_link"):
         with pytest.raises(ValueError, match="input"):
             export_adapter(adapter, dst, overwrite=True)
         assert snapshot(tmp_path) == before
@@ -172,3 +173,21 @@ def test_a_killed_run_leaves_a_recognisable_temp_dir_that_the_next_run_removes(s
     assert json.loads((dst / CONFIG).read_text())["peft_type"] == "LORA"
     assert torch.equal(load_file(dst / ST)["base_model.model.model.layers.0.mlp.experts.w1.lora_A.weight"],
                        shared_native.tensors["base_model.model.model.layers.0.mlp.experts.w1.lora_A.weight"])
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_replaced_output_left_by_a_killed_run_is_removed_only_when_the_destination_exists(shared_native, tmp_path):
+    dst = tmp_path / "out"
+    aside = tmp_path / f".out.peft-shared-moe-old-{_dead_pid()}"  # the run died between its two renames
+    aside.mkdir()
+    (aside / "previous.txt").write_text("the only copy of the previous output")
+    export_adapter(shared_native.path, dst, progress=False)
+    assert (aside / "previous.txt").is_file()  # DEST was missing: kept
+
+    export_adapter(shared_native.path, dst, overwrite=True, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # DEST exists: the leftover is stale
