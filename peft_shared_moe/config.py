@@ -46,11 +46,11 @@ class ConfigError(ValueError):
 def pattern_problem(pattern: str) -> Optional[str]:
     """Why `pattern` is outside the safe regex subset described above, or None if it is inside."""
     if len(pattern) > PATTERN_MAX_CHARS:
-        return f"longer than {PATTERN_MAX_CHARS} characters"
+        return f"is longer than {PATTERN_MAX_CHARS} characters"
     try:
         re.compile(pattern)
     except re.error as err:
-        return f"not a valid regular expression ({err})"
+        return f"is not a valid regular expression ({err})"
     quantifiers, after_group, i = 0, False, 0
     while i < len(pattern):
         char = pattern[i]
@@ -169,7 +169,11 @@ def validate_lora_fields(
                 raise ConfigError(f"{where}: {key} keys must be non-empty strings, found {module!r}")
             problem = pattern_problem(module)
             if problem:
-                raise ConfigError(f"{where}: {key} key {module[:80]!r} is refused: it {problem}")
+                raise ConfigError(
+                    f"{where}: {key} key {module[:80]!r} is refused: it {problem}; expected a pattern of at most "
+                    f"{PATTERN_MAX_CHARS} characters with at most {PATTERN_MAX_QUANTIFIERS} quantifiers, none on a group, "
+                    f"and no backreferences or lookarounds (a form that cannot backtrack for long)"
+                )
             if not check(value):
                 raise ConfigError(f"{where}: {key}[{module!r}] must be {expected}, found {value!r}")
 

@@ -78,7 +78,7 @@ def _lora_adapter(shared_native, path: Path, **changes) -> Path:
         ({"alpha_pattern": {"q_proj": "8"}}, "alpha_pattern['q_proj'] must be a finite positive number"),
         ({"rank_pattern": {"(a+)+$": 4}}, "rank_pattern key '(a+)+$' is refused: it repeats a group"),
         ({"alpha_pattern": {r"(q|k)\1": 4}}, "alpha_pattern key '(q|k)\\\\1' is refused: it uses a backreference"),
-        ({"rank_pattern": {"x" * 300: 4}}, "is refused: it longer than 256 characters"),
+        ({"rank_pattern": {"x" * 300: 4}}, "is refused: it is longer than 256 characters"),
         ({"task_type": "CAUSAL"}, "task_type must be null or one of"),
     ],
 )
