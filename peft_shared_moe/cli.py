@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import warnings
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 PROG = "peft-shared-moe"
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+# The reader of our output went away (`peft-shared-moe inspect X | head -1`): end quietly with the
+# status a shell reports for a tool killed by SIGPIPE, 128 + 13.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 # Errors that mean "the input or the destination is wrong", which a script can tell from a crash.
 BAD_INPUT_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
@@ -31,6 +37,9 @@ formats:
            auto-detection) or vLLM --enable-moe-shared-loras
   vllm     per-expert 2D keys experts.{e}.gate_proj|up_proj|down_proj.lora_A|lora_B.weight;
            each shared factor is copied to every expert (E times the space)
+  sglang, tinker and vllm exports are for serving engines: plain PEFT (LoraConfig,
+  PeftModel.from_pretrained) cannot load 3D expert factors. To load an adapter with PEFT
+  and this library, or to keep training it, use native (convert --to native).
 
 examples:
   peft-shared-moe inspect runs/adapter
@@ -39,8 +48,11 @@ examples:
   peft-shared-moe shard runs/adapter runs/tp4 --tp 4
   peft-shared-moe merge --base Qwen3-30B-A3B/ --adapter runs/adapter --out runs/merged
 
-exit codes: 0 success; 2 usage error or bad input (the message names the key, shape or
-path); 1 any other failure."""
+exit codes: 0 success; 2 usage error or bad input (the message names the file, key, shape
+or path); 1 any other failure; 141 the reader of the output went away (a closed pipe).
+Writers never write into, over or inside an input (the adapter or the base model), with or
+without --force; a killed run leaves DIR's work in .DIR.peft-shared-moe-tmp-<pid>, which
+the next run into DIR removes."""
 
 SHARED_CHOICES = {"auto": None, "yes": True, "no": False}
 
@@ -54,9 +66,11 @@ def _common(*, base: bool = True, write: bool = True) -> argparse.ArgumentParser
         )
     parent.add_argument("--allow-pickle", action="store_true",
                         help="read an adapter_model.bin with torch.load(weights_only=True) (refused otherwise)")
-    parent.add_argument("--no-progress", action="store_true", help="no progress bars (default: on a terminal only)")
+    parent.add_argument("--no-progress", action="store_true",
+                        help="no progress bars at all, transformers' included (default: ours on a terminal only)")
     if write:
-        parent.add_argument("--force", action="store_true", help="replace the destination if it exists")
+        parent.add_argument("--force", action="store_true",
+                            help="replace the destination if it is an existing directory (never an input, never a file)")
     return parent
 
 
@@ -70,7 +84,10 @@ def _shared_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     inspect = commands.add_parser(
@@ -92,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG.split("\n\nexamples:")[0],
     )
     convert.add_argument("src", help="adapter directory to read")
-    convert.add_argument("dst", help="directory to write (must not exist unless --force)")
+    convert.add_argument("dst", help="directory to write (must not exist unless --force; never an input or inside one)")
     convert.add_argument("--to", required=True, choices=("native", "sglang", "tinker", "vllm"), help="output format")
     _shared_option(convert)
 
@@ -103,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and down B replicated; q/k/v B along the output, o_proj A along the input, the rest replicated.",
     )
     shard.add_argument("src", help="adapter directory to read")
-    shard.add_argument("dst", help="directory to write; it gets rank0/ ... rank{N-1}/")
+    shard.add_argument("dst", help="directory to write (never an input or inside one); it gets rank0/ ... rank{N-1}/")
     shard.add_argument("--tp", type=int, required=True, metavar="N", help="tensor-parallel size")
     shard.add_argument("--format", default="native", choices=("native", "sglang", "tinker", "vllm"),
                        help="layout of each rank's adapter (default: native)")
@@ -117,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--base", required=True, metavar="MODEL", help="local base model directory")
     merge.add_argument("--adapter", required=True, help="adapter directory")
-    merge.add_argument("--out", required=True, metavar="DIR", help="directory for the merged checkpoint")
+    merge.add_argument("--out", required=True, metavar="DIR",
+                       help="directory for the merged checkpoint (never the base, the adapter or inside them)")
     merge.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="dtype to load and save the model in (default: the checkpoint's)")
     return parser
@@ -130,7 +148,7 @@ def _run(args: argparse.Namespace) -> None:
     common = dict(allow_pickle=args.allow_pickle, progress=progress)
     if args.command == "inspect":
         info = formats.inspect_adapter(args.path, base=args.base, read_values=not args.header_only, **common)
-        print(json.dumps(info.to_dict(), indent=2) if args.json else info)
+        print(json.dumps(info.to_dict(), indent=2, allow_nan=False) if args.json else info)
     elif args.command == "convert":
         formats.convert_adapter(args.src, args.dst, args.to, shared_outer=SHARED_CHOICES[args.shared_outer],
                                 base=args.base, overwrite=args.force, **common)
@@ -144,20 +162,56 @@ def _run(args: argparse.Namespace) -> None:
         print(f"{args.out}: merged checkpoint written")
 
 
+@contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """Without `show`, silence the bars of transformers and huggingface_hub too (model loading and
+    saving in `merge`); our own bars get progress=False. The previous settings are restored."""
+    if show:
+        yield
+        return
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging as hf_logging
+
+    transformers_bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_bars:
+            hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub.enable_progress_bars()
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console script; returns the exit code (see EPILOG)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 after --help
+    except SystemExit as exit_:  # argparse exits 2 on usage errors, 0 after --help and --version
         return int(exit_.code or 0)
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _progress_bars(not args.no_progress):
             warnings.simplefilter("always", UserWarning)
             _run(args)
         for warning in caught:
             if issubclass(warning.category, UserWarning):
                 print(f"{PROG}: warning: {warning.message}", file=sys.stderr)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+    except BrokenPipeError:
+        _detach_stdout()
+        return EXIT_BROKEN_PIPE
     except BAD_INPUT_ERRORS as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,13 +1,22 @@
-"""`SharedMoeLoraConfig`: the one object a user fills in to get a shared-outer MoE LoRA adapter."""
+"""`SharedMoeLoraConfig`: the one object a user fills in to get a shared-outer MoE LoRA adapter.
+
+`validate_lora_fields` is the single gate for LoRA settings, whether they come from Python
+(`SharedMoeLoraConfig(...)`, and `PeftModel.from_pretrained`, which builds one from the saved
+JSON) or from any adapter_config.json the formats code reads, so a value that one path refuses is
+never accepted by another.
+"""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import math
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import TaskType
 
 
 
@@ -32,6 +41,159 @@ LOADING_NOTE = (
     "registers the adapter type with PEFT. For serving engines (SGLang, vLLM) export it with\n"
     "`peft-shared-moe convert ADAPTER OUT --to sglang` (or `vllm`)."
 )
+BIAS_CHOICES = ("none", "all", "lora_only")
+# init_lora_weights values: what our tuner implements, and what a plain LoRA adapter may declare and
+# still be a pure delta on the original base (other strings, e.g. "pissa", rewrite the base weights).
+SHARED_MOE_INITS = (True, False)
+LORA_INITS = (True, False, "gaussian")
+
+# rank_pattern / alpha_pattern keys are regular expressions that PEFT matches (with Python's
+# backtracking `re`) as `(.*\.)?(KEY)$` against every module path. A key from a file must not be able
+# to stall that: it must be short, must not repeat a group (`(a+)+`, `(a|a)*` backtrack exponentially),
+# may not use backreferences or lookarounds, and may hold only a few quantifiers (each one multiplies
+# the work by the length of the path).
+PATTERN_MAX_CHARS = 256
+PATTERN_MAX_QUANTIFIERS = 2
+_BRACE_QUANTIFIER = re.compile(r"\{\d*(?:,\d*)?\}")
+
+
+class ConfigError(ValueError):
+    """A LoRA setting with the wrong type or value; the message names where it came from and the key."""
+
+
+def pattern_problem(pattern: str) -> Optional[str]:
+    """Why `pattern` is outside the safe regex subset described above, or None if it is inside."""
+    if len(pattern) > PATTERN_MAX_CHARS:
+        return f"is longer than {PATTERN_MAX_CHARS} characters"
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return f"is not a valid regular expression ({err})"
+    quantifiers, after_group, i = 0, False, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            if pattern[i + 1 : i + 2].isdigit() and pattern[i + 1] != "0":
+                return "uses a backreference"
+            i, after_group = i + 2, False
+            continue
+        if char == "[":  # a class is one atom; `]` right after `[` or `[^` is a literal
+            i += 2 if pattern[i + 1 : i + 2] == "^" else 1
+            i += 1 if pattern[i : i + 1] == "]" else 0
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            i, after_group = i + 1, False
+            continue
+        brace = _BRACE_QUANTIFIER.match(pattern, i) if char == "{" else None
+        if char in "*+?" or brace:
+            if after_group:
+                return "repeats a group (nested or alternated repetition backtracks exponentially)"
+            quantifiers += 1
+            i = brace.end() if brace else i + 1
+            i += 1 if pattern[i : i + 1] in ("?", "+") else 0  # lazy or possessive suffix
+            continue
+        if char == "(" and pattern.startswith(("(?=", "(?!", "(?<=", "(?<!", "(?P="), i):
+            return "uses a lookaround or a backreference"
+        after_group = char == ")"
+        i += 1
+    if quantifiers > PATTERN_MAX_QUANTIFIERS:
+        return f"has {quantifiers} quantifiers (at most {PATTERN_MAX_QUANTIFIERS})"
+    return None
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_positive_number(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _is_optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, (list, tuple, set)) and bool(value) and all(isinstance(v, str) and v for v in value)
+
+
+def _one_of(choices: tuple) -> Callable[[Any], bool]:
+    """Membership that does not let 1 pass for True or 0 for False."""
+    return lambda value: any(type(value) is type(choice) and value == choice for choice in choices)
+
+
+# field -> (check, what is expected); a field absent from the values is not checked (its default is valid).
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (_is_positive_int, "a positive integer"),
+    "lora_alpha": (_is_positive_number, "a finite positive number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (_is_bool, "true or false"),
+    "shared_outer": (_is_bool, "true or false"),
+    "use_dora": (_is_bool, "true or false"),
+    "lora_bias": (_is_bool, "true or false"),
+    "inference_mode": (_is_bool, "true or false"),
+    "bias": (_one_of(BIAS_CHOICES), f"one of {list(BIAS_CHOICES)}"),
+    "backend": (_one_of(BACKENDS), f"one of {list(BACKENDS)}"),
+    "target_modules": (lambda v: v is None or (isinstance(v, str) and bool(v)) or _is_names(v),
+                       "null, a non-empty name, or a non-empty list of non-empty names"),
+    "modules_to_save": (lambda v: v is None or isinstance(v, (list, tuple)) and all(isinstance(n, str) and n for n in v),
+                        "null or a list of module names"),
+    "task_type": (lambda v: v is None or _one_of(tuple(t.value for t in TaskType))(v),
+                  f"null or one of {[t.value for t in TaskType]}"),
+    "base_model_name_or_path": (_is_optional_str, "null or a string"),
+}
+_PATTERNS = {"rank_pattern": (_is_positive_int, "a positive integer"),
+             "alpha_pattern": (_is_positive_number, "a finite positive number")}
+
+
+def validate_lora_fields(
+    values: Mapping[str, Any], where: str, *, inits: tuple = SHARED_MOE_INITS, required: Iterable[str] = ()
+) -> None:
+    """Raise `ConfigError` naming `where` and the key for the first LoRA setting with a wrong type or value.
+
+    JSON gives strings where Python code would give bools ("false" is truthy), and NaN / Infinity
+    where numbers are expected; every such value is refused here instead of being coerced.
+    `inits`: the accepted `init_lora_weights` values; `required`: keys that must be present.
+    """
+    for key in required:
+        if key not in values:
+            raise ConfigError(f"{where}: {key} is missing")
+    for key, (check, expected) in _FIELDS.items():
+        if key in values and not check(values[key]):
+            raise ConfigError(f"{where}: {key} must be {expected}, found {values[key]!r}")
+    if "init_lora_weights" in values and not _one_of(inits)(values["init_lora_weights"]):
+        value = values["init_lora_weights"]
+        why = " (it rewrites the base weights, so the adapter is no longer a delta on the original base)"
+        raise ConfigError(
+            f"{where}: init_lora_weights must be one of {list(inits)}, found {value!r}"
+            + (why if isinstance(value, str) else "")
+        )
+    for key, (check, expected) in _PATTERNS.items():
+        pattern = values.get(key)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, Mapping):
+            raise ConfigError(f"{where}: {key} must be an object (module pattern -> value), found {pattern!r}")
+        for module, value in pattern.items():
+            if not isinstance(module, str) or not module:
+                raise ConfigError(f"{where}: {key} keys must be non-empty strings, found {module!r}")
+            problem = pattern_problem(module)
+            if problem:
+                raise ConfigError(
+                    f"{where}: {key} key {module[:80]!r} is refused: it {problem}; expected a pattern of at most "
+                    f"{PATTERN_MAX_CHARS} characters with at most {PATTERN_MAX_QUANTIFIERS} quantifiers, none on a group, "
+                    f"and no backreferences or lookarounds (a form that cannot backtrack for long)"
+                )
+            if not check(value):
+                raise ConfigError(f"{where}: {key}[{module!r}] must be {expected}, found {value!r}")
 
 
 @dataclass
@@ -96,20 +258,10 @@ class SharedMoeLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"SharedMoeLoraConfig.r must be a positive integer, got {self.r!r}")
-        if not self.lora_alpha or self.lora_alpha <= 0:
-            raise ValueError(f"SharedMoeLoraConfig.lora_alpha must be positive, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"SharedMoeLoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"SharedMoeLoraConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError(
-                    f"SharedMoeLoraConfig.target_modules must be non-empty names, got {self.target_modules!r}"
-                )
+        validate_lora_fields({f.name: getattr(self, f.name) for f in fields(self)}, type(self).__name__)
+        if isinstance(self.target_modules, (tuple, set)):  # PEFT saves lists; a set gets a stable order
+            names = self.target_modules
+            self.target_modules = sorted(names) if isinstance(names, set) else list(names)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Also tell the reader of the adapter's README (which PEFT writes first) how to load it."""

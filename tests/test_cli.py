@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +91,87 @@ def test_merge_gives_a_checkpoint_with_the_adaptermodel_logits(shared_native, qw
     assert not leftovers(tmp_path)
 
     assert main(["merge", "--base", qwen3_path, "--adapter", str(sglang), "--out", str(out)]) == 2  # exists
+
+
+def test_version(capsys):
+    from peft_shared_moe import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"peft-shared-moe {__version__}\n"
+
+
+def test_no_progress_silences_every_progress_bar(shared_native, qwen3_path, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    assert main(["merge", "--base", qwen3_path, "--adapter", str(shared_native.path), "--out", str(tmp_path / "m"),
+                 "--no-progress"]) == 0
+    assert main(["convert", str(shared_native.path), str(tmp_path / "v"), "--to", "vllm", "--no-progress"]) == 0
+    err = capfd.readouterr().err
+    assert not any(mark in err for mark in ("\r", "%|", "it/s", "s/it", "Loading", "Writing")), err
+    assert hf_logging.is_progress_bar_enabled()  # the setting is restored for the rest of the process
+
+
+def _adapter_with(src: Path, dst: Path, text: str) -> Path:
+    shutil.copytree(src, dst)
+    (dst / "adapter_config.json").write_text(text)
+    return dst
+
+
+def _base_with(qwen3_path: str, dst: Path, text: str) -> Path:
+    shutil.copytree(qwen3_path, dst)
+    (dst / "config.json").write_text(text)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("nested JSON", "adapter_config.json: not valid JSON (RecursionError"),
+        ("string for a bool", "adapter_config.json: use_rslora must be true or false, found 'false'"),
+        ("NaN alpha", "adapter_config.json: lora_alpha must be a finite positive number, found nan"),
+        ("bad base config", "config.json: cannot be read"),
+        ("base config is a list", "config.json: expected a JSON object, found list"),
+        ("merge with a bad base config", "config.json: cannot be read"),
+        ("merge with a base without weights", "no weights (expected *.safetensors files, or *.bin files)"),
+    ],
+)
+def test_every_bad_input_exits_2(shared_native, qwen3_path, tmp_path, capsys, case, message):
+    config = shared_native.config
+    adapter, base_args = shared_native.path, []
+    if case == "nested JSON":
+        adapter = _adapter_with(adapter, tmp_path / "in", "[" * 50_000 + "]" * 50_000)
+    elif case == "string for a bool":
+        adapter = _adapter_with(adapter, tmp_path / "in", json.dumps({**config, "use_rslora": "false"}))
+    elif case == "NaN alpha":
+        adapter = _adapter_with(adapter, tmp_path / "in", json.dumps({**config, "lora_alpha": float("nan")}))
+    elif case == "merge with a base without weights":
+        base = Path(shutil.copytree(qwen3_path, tmp_path / "base"))
+        (base / "model.safetensors").unlink()
+        base_args = ["--base", str(base)]
+    else:
+        bad = "[1]" if "list" in case else json.dumps({**json.loads(Path(qwen3_path, "config.json").read_text()),
+                                                        "hidden_size": "big"})
+        base_args = ["--base", str(_base_with(qwen3_path, tmp_path / "base", bad))]
+    out = tmp_path / "out"
+    if case.startswith("merge"):
+        argv = ["merge", *base_args, "--adapter", str(adapter), "--out", str(out)]
+    else:
+        argv = ["convert", str(adapter), str(out), "--to", "sglang", *base_args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_a_closed_pipe_ends_quietly(shared_native):
+    """`peft-shared-moe inspect X | head -1`: the reader is gone before we write."""
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = "import sys; from peft_shared_moe.cli import main; sys.exit(main())"
+    child = subprocess.Popen([sys.executable, "-c", code, "inspect", str(shared_native.path), "--json", "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    child.stdout.close()  # as `head -1` does once it has its line
+    stderr = child.stderr.read().decode()
+    assert child.wait() == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr, stderr

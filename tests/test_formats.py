@@ -409,7 +409,7 @@ def test_destination_is_never_clobbered_without_overwrite(shared_native, tmp_pat
     assert os.listdir(dst) == ["keep.txt"]
     export_adapter(shared_native.path, dst, overwrite=True)
     assert sorted(os.listdir(dst)) == ["adapter_config.json", "adapter_model.safetensors"]
-    with pytest.raises(ValueError, match="is, or contains, the source"):
+    with pytest.raises(ValueError, match="is the input"):
         import_adapter(shared_native.path, shared_native.path, overwrite=True)
     assert not leftovers(tmp_path) and not leftovers(shared_native.path.parent)
 

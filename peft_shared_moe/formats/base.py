@@ -8,19 +8,23 @@ cannot disagree. Nothing is executed from the base directory (no remote code).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..config import SharedMoeLoraConfig
 from ..tuners import find_targets
-from .io import AdapterFormatError, PathLike
+from .io import AdapterFormatError, PathLike, read_json_object
 
 BaseSpec = Union[PathLike, PretrainedConfig]
+# What transformers raises for a config.json with a value of the wrong type or range, while building
+# the config or the (meta-device) model from it: bad input, reported as such, not an internal fault.
+_BAD_CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError,
+                      OverflowError, RecursionError, StrictDataclassError)
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,13 @@ def load_base_config(base: BaseSpec) -> PretrainedConfig:
         path = path / "config.json"
     if not path.is_file():
         raise AdapterFormatError(f"base {base}: expected a config.json file or a model directory holding one")
+    data = read_json_object(path)
+    if not isinstance(data.get("model_type"), str):
+        raise AdapterFormatError(f"base config {path}: model_type must be a string, found {data.get('model_type')!r}")
     try:
-        data = json.loads(path.read_text())
-        model_type = data.pop("model_type")
-        return AutoConfig.for_model(model_type, **data)
-    except (json.JSONDecodeError, KeyError, ValueError) as err:
-        raise AdapterFormatError(f"base config {path}: cannot be read ({type(err).__name__}: {err})") from err
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    except _BAD_CONFIG_ERRORS as err:
+        raise AdapterFormatError(f"base config {path}: cannot be read ({type(err).__name__}: {str(err)[:300]})") from err
 
 
 def base_modules(base: BaseSpec, targets: list[str]) -> dict[str, Union[ExpertDims, LinearDims]]:
@@ -59,8 +64,11 @@ def base_modules(base: BaseSpec, targets: list[str]) -> dict[str, Union[ExpertDi
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except (ValueError, KeyError) as err:
-        raise AdapterFormatError(f"base {type(config).__name__}: no causal-LM model for it ({err})") from err
+    except _BAD_CONFIG_ERRORS as err:
+        raise AdapterFormatError(
+            f"base {_name(base)}: no causal-LM model can be built from its {type(config).__name__} "
+            f"({type(err).__name__}: {str(err)[:300]})"
+        ) from err
     found = find_targets(model, SharedMoeLoraConfig(target_modules=targets))
     modules: dict[str, Union[ExpertDims, LinearDims]] = {}
     for name, kind in found.items():
@@ -71,3 +79,7 @@ def base_modules(base: BaseSpec, targets: list[str]) -> dict[str, Union[ExpertDi
         else:
             modules[name] = LinearDims(module.in_features, module.out_features)
     return modules
+
+
+def _name(base: BaseSpec) -> str:
+    return type(base).__name__ if isinstance(base, PretrainedConfig) else str(base)

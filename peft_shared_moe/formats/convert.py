@@ -13,11 +13,12 @@ from collections import Counter
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
+from transformers import PretrainedConfig
 
 from ..config import SharedMoeLoraConfig
 from .base import BaseSpec
@@ -35,7 +36,7 @@ from .io import (
 )
 from ..factors import TP_SPLIT_DIM
 from .layouts import LAYOUTS, NATIVE_TO_PROJ, PREFIX, Factor, layer_groups, layer_index
-from .plan import AdapterPlan, read_plan
+from .plan import AdapterPlan, check_finite, read_plan
 
 FORMATS = ("native", "sglang", "tinker", "vllm")
 EXPORT_FORMATS = ("sglang", "tinker", "vllm")
@@ -168,6 +169,77 @@ def _disable(progress: Optional[bool]) -> Optional[bool]:
     return None if progress is None else not progress  # None: tqdm shows bars on a terminal only
 
 
+def _check_values(plan: AdapterPlan, progress: Optional[bool]) -> None:
+    """Read every tensor once, one layer's at a time, and refuse NaN/Inf: values are checked before
+    anything is written (the writers read the adapter a second time)."""
+    reader = plan.files.reader
+    with tqdm(total=len(plan.factors), desc="check", unit="tensor", disable=_disable(progress)) as bar:
+        for group in layer_groups(plan.factors):
+            with reader.session():
+                for factor in group:
+                    check_finite(factor.source.load(reader), factor.source)
+                    bar.update()
+
+
+def write_inputs(src: PathLike, base: Optional[BaseSpec] = None) -> list[PathLike]:
+    """What a write reads, and so must never write into, over or inside: the adapter and a base given by path."""
+    return [src] if base is None or isinstance(base, PretrainedConfig) else [src, base]
+
+
+@dataclass
+class PreparedWrite:
+    """An adapter read and validated (every value included) and laid out for a format: only writing is left."""
+
+    plan: AdapterPlan
+    fmt: str
+    tp_size: Optional[int]  # None: one adapter; N: rank0 ... rank{N-1}
+    config: Any
+    specs: list[list[tuple[str, TensorMeta]]]
+
+
+def prepare_write(
+    src: PathLike,
+    fmt: str,
+    *,
+    tp_size: Optional[int] = None,
+    shared_outer: Optional[bool] = None,
+    base: Optional[BaseSpec] = None,
+    allow_pickle: bool = False,
+    progress: Optional[bool] = None,
+) -> PreparedWrite:
+    """Everything a write does short of writing, so that bad input is refused before the first byte."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if shared_outer not in (None, True, False):
+        raise ValueError(f"shared_outer must be None (detect), True or False, got {shared_outer!r}")
+    with _one_thread():
+        plan = read_plan(open_adapter(src, allow_pickle), base=base, shared_outer=shared_outer)
+        if fmt in ("sglang", "tinker") and plan.has_experts and not plan.shared_outer:
+            warnings.warn(
+                f"{src}: a per-expert adapter in the 3D layout has outer factors [E, ...]; SGLang recognises 3D "
+                f"expert tensors as shared-outer (dim 0 == 1). For SGLang's or vLLM's per-expert loaders export "
+                f"format='vllm'.",
+                stacklevel=4,
+            )
+        config = _output_config(plan, fmt)
+        specs = _output_specs(plan, fmt, tp_size or 1)  # every TP split is checked before anything is written
+        _check_values(plan, progress)
+    return PreparedWrite(plan, fmt, tp_size, config, specs)
+
+
+def write_prepared(job: PreparedWrite, directory: Path, progress: Optional[bool] = None) -> None:
+    """Write `job` into `directory`, an empty directory that the caller makes appear atomically."""
+    tp_size = job.tp_size
+    out_dirs = [directory] if tp_size is None else [directory / f"rank{rank}" for rank in range(tp_size)]
+    for rank, out in enumerate(out_dirs):
+        out.mkdir(exist_ok=True)
+        write_config(out, job.config)
+        if tp_size is not None:
+            write_config(out, {"tp_rank": rank, "tp_size": tp_size, "format": job.fmt}, SHARD_INFO_NAME)
+    with _one_thread():
+        _stream(job.plan, job.fmt, out_dirs, job.specs, progress, desc=f"{job.fmt} tp={tp_size}" if tp_size else job.fmt)
+
+
 def _write(
     src: PathLike,
     dst: PathLike,
@@ -181,30 +253,12 @@ def _write(
     progress: Optional[bool],
 ) -> Path:
     """The one writer behind convert/export/import (tp_size None: one adapter) and shard (dst/rank{i})."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    if shared_outer not in (None, True, False):
-        raise ValueError(f"shared_outer must be None (detect), True or False, got {shared_outer!r}")
-    check_destination(dst, overwrite, [src])  # fail before reading anything
-    with _one_thread():
-        plan = read_plan(open_adapter(src, allow_pickle), base=base, shared_outer=shared_outer)
-        if fmt in ("sglang", "tinker") and plan.has_experts and not plan.shared_outer:
-            warnings.warn(
-                f"{src}: a per-expert adapter in the 3D layout has outer factors [E, ...]; SGLang recognises 3D "
-                f"expert tensors as shared-outer (dim 0 == 1). For SGLang's or vLLM's per-expert loaders export "
-                f"format='vllm'.",
-                stacklevel=3,
-            )
-        config = _output_config(plan, fmt)
-        specs = _output_specs(plan, fmt, tp_size or 1)  # every TP split is checked before anything is written
-        with atomic_directory(dst, overwrite, [src]) as tmp:
-            out_dirs = [tmp] if tp_size is None else [tmp / f"rank{rank}" for rank in range(tp_size)]
-            for rank, directory in enumerate(out_dirs):
-                directory.mkdir(exist_ok=True)
-                write_config(directory, config)
-                if tp_size is not None:
-                    write_config(directory, {"tp_rank": rank, "tp_size": tp_size, "format": fmt}, SHARD_INFO_NAME)
-            _stream(plan, fmt, out_dirs, specs, progress, desc=f"{fmt} tp={tp_size}" if tp_size else fmt)
+    inputs = write_inputs(src, base)
+    check_destination(dst, overwrite, inputs)  # fail before reading anything
+    job = prepare_write(src, fmt, tp_size=tp_size, shared_outer=shared_outer, base=base, allow_pickle=allow_pickle,
+                        progress=progress)
+    with atomic_directory(dst, overwrite, inputs) as tmp:
+        write_prepared(job, tmp, progress)
     return Path(dst)
 
 
@@ -354,12 +408,7 @@ def inspect_adapter(
     with _one_thread():
         plan = read_plan(files, base=base, read=read_values)
         if read_values:
-            with tqdm(total=len(plan.factors), desc="inspect", unit="tensor", disable=_disable(progress)) as bar:
-                for group in layer_groups(plan.factors):
-                    with files.reader.session():
-                        for factor in group:
-                            plan.load(factor)
-                            bar.update()
+            _check_values(plan, progress)
     meta = files.reader.meta
     dims = plan.dims
     return AdapterInfo(

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
-import tempfile
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +149,7 @@ def open_adapter(path: PathLike, allow_pickle: bool = False) -> AdapterFiles:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise AdapterFormatError(f"{path}: no {CONFIG_NAME} (found {sorted(os.listdir(path))})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFormatError(f"{config_path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+    config = read_json_object(config_path)
     if (path / SAFETENSORS_NAME).is_file():
         reader: Reader = SafetensorsReader(path / SAFETENSORS_NAME)
     elif (path / PICKLE_NAME).is_file():
@@ -169,6 +163,21 @@ def open_adapter(path: PathLike, allow_pickle: bool = False) -> AdapterFiles:
     else:
         raise AdapterFormatError(f"{path}: no {SAFETENSORS_NAME} (found {sorted(os.listdir(path))})")
     return AdapterFiles(path, config, reader)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Parse `path` as one JSON object; anything else is an `AdapterFormatError` naming the file.
+
+    ValueError covers bad syntax, bad UTF-8 and numbers too long to convert; RecursionError is what
+    the parser raises on deeply nested arrays, which is bad input, not a fault of ours.
+    """
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:
+        raise AdapterFormatError(f"{path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from err
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 class SafetensorsStreamWriter:
@@ -187,7 +196,7 @@ class SafetensorsStreamWriter:
                 raise RuntimeError(f"duplicate output tensor {name}")
             header[name] = {"dtype": DTYPE_NAMES[meta.dtype], "shape": list(meta.shape), "data_offsets": [offset, offset + meta.nbytes]}
             offset += meta.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self._pending = iter(list(specs))
         self._file = open(path, "wb")
@@ -210,34 +219,129 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"safetensors file closed before {missing[0]} was written")
 
 
-def check_destination(dst: PathLike, overwrite: bool, sources: Iterable[PathLike] = ()) -> Path:
-    """Refuse before any work: an existing `dst` without `overwrite`, or a `dst` that is or holds a source."""
-    dst = Path(dst).resolve()
-    for src in sources:
-        src = Path(src).resolve()
-        if src == dst or dst in src.parents:
-            raise AdapterFormatError(f"destination {dst} is, or contains, the source {src}; choose another directory")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass overwrite=True (--force) to replace it")
-    return dst
+# Work in progress beside a destination DEST is named `.DEST.peft-shared-moe-tmp-<pid>` (the output being
+# written) or `.DEST.peft-shared-moe-old-<pid>` (a replaced output, moved aside until the new one is in
+# place), so a run that was killed leaves something a person recognises, and the next run into DEST
+# removes it once its process is gone.
+WORK_MARK = ".peft-shared-moe-"
+
+
+def _identity(path: PathLike) -> Optional[tuple[int, int]]:
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _is_or_inside(path: Path, other: Path) -> bool:
+    """`path` is `other` or lies inside it, by resolved name or by file identity (hard links, bind mounts)."""
+    if path == other or other in path.parents:
+        return True
+    target = _identity(other)
+    return target is not None and any(_identity(p) == target for p in (path, *path.parents))
+
+
+def _input_paths(given: PathLike) -> list[Path]:
+    """An input and, for a directory, the files directly in it: they may be links to files elsewhere
+    (a model in the Hugging Face cache is a folder of links), and those must be protected too."""
+    path = Path(given)
+    paths = [path]
+    if path.is_dir():
+        try:
+            paths += [entry for entry in path.iterdir() if entry.is_file()]
+        except OSError:
+            pass
+    return paths
+
+
+def check_destination(dst: PathLike, overwrite: bool, inputs: Iterable[PathLike] = ()) -> Path:
+    """The resolved destination, after refusing one that would lose data; call it before any work.
+
+    Refused, `overwrite` or not: a destination that is, contains or lies inside an input (the
+    directories and files read, however spelled: links, `..`, trailing slashes, hard links), and
+    an existing destination that is not a directory. An existing directory is replaced only with
+    `overwrite`.
+    """
+    real = Path(os.path.realpath(dst))
+    clashes = []  # (relation, input as given, input resolved); "is" names the input most exactly
+    for given in inputs:
+        for path in _input_paths(given):
+            source = Path(os.path.realpath(path))
+            inside, contains = _is_or_inside(real, source), _is_or_inside(source, real)
+            if inside or contains:
+                clashes.append(("is" if inside and contains else "lies inside" if inside else "contains", path, source))
+    if clashes:
+        relation, path, source = min(clashes, key=lambda clash: ("is", "lies inside", "contains").index(clash[0]))
+        raise AdapterFormatError(
+            f"destination {dst} ({real}) {relation} the input {path} ({source}); outputs are never written into, "
+            f"over or inside an input, with or without overwrite: choose another destination"
+        )
+    if os.path.lexists(real):
+        if not overwrite:
+            raise FileExistsError(f"{dst} exists; pass overwrite=True (--force) to replace it")
+        if not real.is_dir():
+            raise FileExistsError(f"{dst} exists and is not a directory; overwrite=True (--force) replaces only a "
+                                  f"directory (an earlier output), never a file")
+    return real
+
+
+def _work_path(dst: Path, kind: str, pid: int) -> Path:
+    return dst.with_name(f".{dst.name}{WORK_MARK}{kind}-{pid}")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours is a leftover of an earlier process that had the same id
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_work(dst: Path) -> list[Path]:
+    """Remove what killed runs left beside `dst` (see WORK_MARK); returns what was removed.
+
+    A run still alive is left alone. A moved-aside old output is kept when `dst` itself is missing:
+    the run died between moving it aside and putting the new one in place, and it is the only copy.
+    """
+    stale = re.compile(rf"^\.{re.escape(dst.name)}{re.escape(WORK_MARK)}(tmp|old)-(\d+)$")
+    removed = []
+    try:
+        entries = list(dst.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = stale.match(entry.name)
+        if not match or _running(int(match.group(2))) or (match.group(1) == "old" and not os.path.lexists(dst)):
+            continue
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        removed.append(entry)
+    return removed
 
 
 @contextmanager
-def atomic_directory(dst: PathLike, overwrite: bool = False, sources: Iterable[PathLike] = ()) -> Iterator[Path]:
+def atomic_directory(dst: PathLike, overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `dst` that becomes `dst` only if the block succeeds.
 
     On any error the temporary directory is removed, so `dst` is either untouched or complete.
     A replaced `dst` is moved aside first and deleted only after the new one is in place.
     """
-    dst = check_destination(dst, overwrite, sources)
+    inputs = list(inputs)
+    dst = check_destination(dst, overwrite, inputs)
+    remove_stale_work(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    tmp = _work_path(dst, "tmp", os.getpid())
+    tmp.mkdir()
     try:
         yield tmp
-        check_destination(dst, overwrite)  # something may have appeared meanwhile
+        check_destination(dst, overwrite, inputs)  # something may have appeared meanwhile
         old = None
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.old")
+        if os.path.lexists(dst):
+            old = _work_path(dst, "old", os.getpid())
             os.rename(dst, old)
         try:
             os.rename(tmp, dst)
@@ -246,7 +350,7 @@ def atomic_directory(dst: PathLike, overwrite: bool = False, sources: Iterable[P
                 os.rename(old, dst)
             raise
         if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -256,4 +360,4 @@ def write_config(directory: Path, config, name: str = CONFIG_NAME) -> None:
     """Write a PEFT config (or a plain dict) as PEFT does, with sets as sorted lists so output is stable."""
     data = config if isinstance(config, dict) else config.to_dict()
     data = {k: sorted(v) if isinstance(v, set) else v for k, v in data.items()}
-    (directory / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    (directory / name).write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import torch
 from peft.utils.other import get_pattern_key
 
-from ..config import PEFT_TYPE
+from ..config import LORA_INITS, PEFT_TYPE, SHARED_MOE_INITS, ConfigError, validate_lora_fields
 from ..factors import EXPERT_FACTORS, OUTER_FACTORS, PROJECTIONS as NATIVE_TO_PROJ
 from .io import AdapterFormatError, Reader, TensorMeta
 
@@ -39,7 +39,6 @@ _EXPERT_KEY = re.compile(
 )
 _LINEAR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_UNSUPPORTED_INITS = "changes the base weights, so the adapter is not a delta on the original base"
 
 
 def natural_key(name: str) -> list:
@@ -89,43 +88,36 @@ class LoraSettings:
 
 
 def read_settings(config: dict[str, Any], where: str) -> LoraSettings:
-    """Check the config is a LoRA we can convert exactly, and keep what conversions need."""
+    """Check the config is a LoRA we can convert exactly, and keep what conversions need.
+
+    Types and values go through `validate_lora_fields`, the same gate as `SharedMoeLoraConfig`;
+    a native config gets the native rules (what `PeftModel.from_pretrained` would apply to it).
+    """
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", PEFT_TYPE):
-        raise AdapterFormatError(f"{where}: peft_type {peft_type!r} is not supported (expected 'LORA' or {PEFT_TYPE!r})")
-    r, alpha = config.get("r"), config.get("lora_alpha", 8)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterFormatError(f"{where}: r must be a positive integer, found {r!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise AdapterFormatError(f"{where}: lora_alpha must be a positive number, found {alpha!r}")
+        raise AdapterFormatError(f"{where}: peft_type {peft_type!r} is not supported (expected 'LORA' or {PEFT_TYPE.value!r})")
+    try:
+        validate_lora_fields(config, where, inits=SHARED_MOE_INITS if peft_type == PEFT_TYPE else LORA_INITS,
+                             required=("r",))
+    except ConfigError as err:
+        raise AdapterFormatError(str(err)) from err
     refused = {
-        "use_dora": (bool(config.get("use_dora")), "DoRA adds magnitude vectors that serving engines do not read"),
-        "lora_bias": (bool(config.get("lora_bias")), "LoRA biases are not part of the shared-outer layout"),
-        "bias": (config.get("bias") not in (None, "none"), "trained base biases are not part of a LoRA adapter"),
+        "use_dora": (config.get("use_dora", False), "DoRA adds magnitude vectors that serving engines do not read"),
+        "lora_bias": (config.get("lora_bias", False), "LoRA biases are not part of the shared-outer layout"),
+        "bias": (config.get("bias", "none") != "none", "trained base biases are not part of a LoRA adapter"),
         "modules_to_save": (bool(config.get("modules_to_save")), "full module copies cannot be converted"),
-        "init_lora_weights": (
-            isinstance(config.get("init_lora_weights"), str) and config["init_lora_weights"] != "gaussian",
-            _UNSUPPORTED_INITS,
-        ),
     }
     for name, (bad, why) in refused.items():
         if bad:
             raise AdapterFormatError(f"{where}: {name}={config[name]!r} is not supported: {why}")
-    patterns = {name: config.get(name) or {} for name in ("rank_pattern", "alpha_pattern")}
-    for name, pattern in patterns.items():
-        if not isinstance(pattern, dict):
-            raise AdapterFormatError(f"{where}: {name} must be an object (module pattern -> value), found {pattern!r}")
-    for module, rank in patterns["rank_pattern"].items():
-        if not isinstance(rank, int) or rank <= 0:
-            raise AdapterFormatError(f"{where}: rank_pattern[{module!r}] must be a positive integer, found {rank!r}")
     return LoraSettings(
         peft_type=peft_type,
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=bool(config.get("use_rslora", False)),
-        lora_dropout=float(config.get("lora_dropout") or 0.0),
-        rank_pattern=patterns["rank_pattern"],
-        alpha_pattern=patterns["alpha_pattern"],
+        r=config["r"],
+        lora_alpha=config.get("lora_alpha", 8),
+        use_rslora=config.get("use_rslora", False),
+        lora_dropout=config.get("lora_dropout", 0.0),
+        rank_pattern=dict(config.get("rank_pattern") or {}),
+        alpha_pattern=dict(config.get("alpha_pattern") or {}),
         task_type=config.get("task_type"),
         base_model_name_or_path=config.get("base_model_name_or_path"),
     )

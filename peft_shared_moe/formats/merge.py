@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .convert import import_adapter
-from .io import PathLike, atomic_directory, check_destination
+from .convert import prepare_write, write_prepared
+from .io import WORK_MARK, PathLike, atomic_directory, check_destination
 
 # Files of the base model directory worth carrying beside the merged weights, so the output serves as is.
 TOKENIZER_FILES = (
@@ -36,7 +35,7 @@ def merge_adapter(
     """Load `base` (a local model directory) with `adapter` (native or any layout `import_adapter`
     accepts), merge, and save to `out` a checkpoint that `from_pretrained` loads with the adapter's logits.
 
-    The adapter always goes through `import_adapter` with the base as reference, so a misfit is
+    The adapter always goes through the import path with the base as reference, so a misfit is
     reported by key before the model is loaded. `dtype`: "auto" (the checkpoint's, default),
     "float32", "bfloat16" or "float16".
     """
@@ -47,20 +46,25 @@ def merge_adapter(
     base_dir = Path(base)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"base {base_dir}: expected a local model directory holding config.json")
+    if not any(base_dir.glob("*.safetensors")) and not any(base_dir.glob("*.bin")):
+        raise FileNotFoundError(f"base {base_dir}: no weights (expected *.safetensors files, or *.bin files)")
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    parent = check_destination(out, overwrite, [base_dir, adapter]).parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".merge-adapter-", dir=parent) as scratch:  # same filesystem as out
-        native = import_adapter(adapter, Path(scratch) / "adapter", base=base_dir, allow_pickle=allow_pickle,
-                                progress=progress)
-        torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, local_files_only=True,
-                                                     trust_remote_code=False)
+    inputs = [base_dir, adapter]
+    check_destination(out, overwrite, inputs)
+    # Every input is read and checked before the first write: the adapter (against the base), then the base.
+    job = prepare_write(adapter, "native", base=base_dir, allow_pickle=allow_pickle, progress=progress)
+    torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, local_files_only=True,
+                                                 trust_remote_code=False)
+    with atomic_directory(out, overwrite, inputs) as tmp:
+        native = tmp / f"{WORK_MARK}adapter"  # PEFT loads from a directory; it is removed before the rename
+        native.mkdir()
+        write_prepared(job, native, progress)
         merged = PeftModel.from_pretrained(model, native).merge_and_unload()
-        with atomic_directory(out, overwrite, [base_dir, adapter]) as tmp:
-            merged.save_pretrained(tmp)
-            for name in TOKENIZER_FILES:
-                if (base_dir / name).is_file():
-                    shutil.copy2(base_dir / name, tmp / name)
+        shutil.rmtree(native)
+        merged.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
     return Path(out)
