@@ -3,6 +3,12 @@
 `EXPERTS_BACKENDS` maps a name to a function with the contract of `torch_experts.experts_forward`
 (minus `linear`): "torch" (grouped GEMMs, autograd), "loop" (exact per-expert loop), and "triton"
 (fused inference kernels) where triton imports. `resolve_backend("auto", ...)` picks per call.
+
+Two call contracts (`run_experts` makes the call):
+- every backend: `fn(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn, lora=lora)`
+  for the layouts the fused kernels implement (`ExpertsLayout.fused_kernels_ok`);
+- backends marked `honours_layout` (the torch ones) also get `layout=`, `apply_gate=` (the block's
+  own gate), `gate_up_bias=`, `down_bias=`, and run every layout `describe_experts` accepts.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .experts_layout import ExpertsLayout, UnsupportedExpertsError, describe_experts
+from .experts_layout import ExpertsLayout, UnsupportedExpertsError, describe_experts, gate_function
 from .routing import ExpertRouting, sort_pairs_by_expert
 from .torch_experts import ExpertLoraFactors, experts_forward, grouped_mm_linear, loop_grouped_linear
 
@@ -23,6 +29,8 @@ EXPERTS_BACKENDS: dict[str, ExpertsBackend] = {
     "torch": partial(experts_forward, linear=grouped_mm_linear),
     "loop": partial(experts_forward, linear=loop_grouped_linear),
 }
+for _fn in EXPERTS_BACKENDS.values():
+    _fn.honours_layout = True  # type: ignore[attr-defined]
 
 try:
     from .triton_experts import triton_experts_forward
@@ -67,10 +75,27 @@ def run_experts(
     lora: Optional[ExpertLoraFactors] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One experts block's forward (base experts plus an optional adapter) on the chosen backend."""
+    """One experts block's forward (base experts plus an optional adapter) on the chosen backend.
+
+    Layout-aware backends get the block's storage flags, its own gate function and its biases; any
+    other backend (the Triton kernels) is called only for the layout it implements, and asking for
+    it on another layout is an error rather than a different computation.
+    """
     weights = (experts.gate_up_proj, experts.down_proj)
+    biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if layout.has_bias else (None, None)
     fn = resolve_backend(backend, hidden_states, layout, lora, weights)
-    return fn(hidden_states, top_k_index, top_k_weights, *weights, experts.act_fn, lora=lora)
+    act_fn = getattr(experts, "act_fn", None)
+    if getattr(fn, "honours_layout", False):
+        return fn(
+            hidden_states, top_k_index, top_k_weights, *weights, act_fn, lora=lora,
+            layout=layout, apply_gate=gate_function(experts), gate_up_bias=biases[0], down_bias=biases[1],
+        )
+    if not layout.fused_kernels_ok:
+        raise ValueError(
+            f"experts backend {backend!r} implements only [gate; up] (E, 2I, H) experts without bias and with "
+            f"the SiLU gate; {type(experts).__name__} is {layout}: use backend='torch' or 'auto'"
+        )
+    return fn(hidden_states, top_k_index, top_k_weights, *weights, act_fn, lora=lora)
 
 
 def transformers_experts_forward(

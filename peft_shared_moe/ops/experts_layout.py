@@ -1,16 +1,18 @@
 """The contract of a transformers fused experts block: how it stores its weights and how it gates.
 
 transformers' `@use_experts_implementation` marks each experts class with flags (`is_transposed`,
-`has_bias`, `is_concatenated`, `has_gate`) and may give it its own `_apply_gate`; every experts
-implementation must honour them (docs/LAYOUTS.md lists each architecture). `describe_experts` reads
-them once into an `ExpertsLayout`; the compute paths and the merge work in one canonical layout
-(gate, up: (E, I, H); down: (E, H, I)) and the layout maps to and from the module's storage.
+`has_bias`, `is_concatenated`, `has_gate`, `has_post_expert_norm`) and may give it its own
+`_apply_gate`; every experts implementation must honour them (docs/LAYOUTS.md lists each
+architecture). `describe_experts` reads them once into an `ExpertsLayout`. The LoRA factors are
+always in the serving engines' canonical shapes (factors.py); the layout says where a canonical
+gate / up / down delta lands in the module's own storage, for the forward and for the merge.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -29,22 +31,33 @@ class ExpertsLayout:
     inter: int
     transposed: bool = False  # weights stored (E, in, out) instead of (E, out, in)
     interleaved: bool = False  # gate/up rows alternate (g0, u0, g1, u1, ...) instead of [gate; up]
-    has_bias: bool = False  # gate_up_proj_bias (E, 2I), down_proj_bias (E, H)
-    silu_gate: bool = True  # the block's gate is SiLU(gate) * up (what the fused kernels implement)
+    has_bias: bool = False  # gate_up_proj_bias (E, 2I), down_proj_bias (E, H), added by the block
+    silu_gate: bool = True  # the block gates with transformers' default act_fn(gate) * up, act_fn = SiLU
+    own_gate: bool = False  # the class defines its own `_apply_gate` (clamps, other activations)
 
     @property
     def fused_kernels_ok(self) -> bool:
         """The Triton kernels implement exactly this layout: [gate; up] (E, 2I, H), no bias, SiLU gate."""
-        return not (self.transposed or self.interleaved or self.has_bias) and self.silu_gate
+        return not (self.transposed or self.interleaved or self.has_bias or self.own_gate) and self.silu_gate
+
+    def gate_up_columns(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Gate and up values (..., I) each -> (..., 2I) in the block's gate_up column order.
+
+        Used both for activations (S, I) in the forward and, through `storage_deltas`, for weight rows.
+        """
+        if self.interleaved:
+            return torch.stack([gate, up], dim=-1).flatten(-2)  # g0, u0, g1, u1, ...
+        return torch.cat([gate, up], dim=-1)
 
     def storage_deltas(
         self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Canonical weight deltas gate/up (E, I, H), down (E, H, I) -> deltas of the module's parameters."""
-        if self.interleaved:
-            gate_up = torch.stack([gate, up], dim=2).flatten(1, 2)  # (E, 2I, H), rows g0, u0, g1, u1, ...
-        else:
-            gate_up = torch.cat([gate, up], dim=1)  # (E, 2I, H)
+        """Canonical weight deltas gate/up (E, I, H), down (E, H, I) -> deltas of the module's parameters.
+
+        Biases are not LoRA targets and get no delta.
+        """
+        # Rows of the (E, 2I, H) view are the gate_up output columns: order them as the block does.
+        gate_up = self.gate_up_columns(gate.transpose(1, 2), up.transpose(1, 2)).transpose(1, 2)  # (E, 2I, H)
         if self.transposed:
             return {"gate_up_proj": gate_up.transpose(1, 2), "down_proj": down.transpose(1, 2)}
         return {"gate_up_proj": gate_up, "down_proj": down}
@@ -56,40 +69,158 @@ def _is_silu(act_fn: object) -> bool:
     return isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is torch.nn.functional.silu
 
 
-def _has_default_gate(module: nn.Module) -> bool:
-    gate = getattr(type(module), "_apply_gate", None)
-    if gate is None:
-        return True
+def _default_gate_fn() -> Optional[Callable]:
     from transformers.integrations import moe
 
-    return gate is getattr(moe, "_default_apply_gate", None)
+    return getattr(moe, "_default_apply_gate", None)
+
+
+def _has_own_gate(module: nn.Module) -> bool:
+    gate = getattr(type(module), "_apply_gate", None)
+    return gate is not None and gate is not _default_gate_fn()
+
+
+def gate_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The block's own gate on a (S, 2I) gate_up tensor in its column order -> (S, I).
+
+    The class's `_apply_gate` when it has one (transformers gives every decorated class one), so
+    clamps and custom activations are the module's code, never re-derived here; otherwise the
+    default act_fn(gate) * up on [gate; up].
+    """
+    if hasattr(module, "_apply_gate"):
+        return module._apply_gate
+
+    def default_gate(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return module.act_fn(gate) * up
+
+    return default_gate
+
+
+def _is_3d(t: object) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 3
+
+
+def _takes_routing(module: nn.Module) -> bool:
+    """forward(hidden_states, top_k_index, top_k_weights): the experts interface's call."""
+    try:
+        params = list(inspect.signature(type(module).forward).parameters.values())[1:]  # drop self
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def _shape_reading(gate_up: torch.Tensor, down: torch.Tensor, transposed: bool) -> Optional[tuple[int, int, int]]:
+    """(E, H, I) when gate_up/down have the shapes of that storage, else None."""
+    if transposed:
+        num_experts, hidden, two_i = gate_up.shape
+        want_down = (num_experts, two_i // 2, hidden)
+    else:
+        num_experts, two_i, hidden = gate_up.shape
+        want_down = (num_experts, hidden, two_i // 2)
+    if two_i % 2 or two_i == 0 or tuple(down.shape) != want_down:
+        return None
+    return num_experts, hidden, two_i // 2
 
 
 def describe_experts(module: nn.Module) -> Optional[ExpertsLayout]:
     """The layout of a fused experts block, None for any other module.
 
-    Raises `UnsupportedExpertsError` for a block with 3D expert weights that this library cannot
-    adapt exactly, so `get_peft_model` refuses it instead of computing something else.
+    Flags come from transformers' decorator (`@use_experts_implementation`, present with the same
+    names in 5.17 and 5.24; `has_post_expert_norm` is newer and absent means False, which is the
+    behaviour of every class that lacks it). A block without the flags (an undecorated class such as
+    Llama4TextExperts or Step3p7Experts) is read from its shapes and accepted only where that
+    reading is unambiguous and its forward takes the experts interface's (hidden, top_k_index,
+    top_k_weights). Raises `UnsupportedExpertsError` for a block with 3D expert weights that this
+    library cannot adapt exactly, so `get_peft_model` refuses it instead of computing something else.
     """
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
-        return None
-    if gate_up.dim() != 3 or down.dim() != 3:
-        return None
     name = type(module).__name__
-    unsupported = [
-        flag for flag in ("is_transposed", "has_bias") if getattr(module, flag, False)
-    ] + (["interleaved gate/up (is_concatenated=False)"] if not getattr(module, "is_concatenated", True) else [])
-    if unsupported:
-        raise UnsupportedExpertsError(f"{name}: experts stored with {unsupported} are not supported yet")
-    if not _has_default_gate(module):
-        raise UnsupportedExpertsError(f"{name}: its own _apply_gate is not supported yet")
-    if not callable(getattr(module, "act_fn", None)):
-        raise UnsupportedExpertsError(f"{name}: no act_fn, so its gate function is unknown")
-    num_experts, two_i, hidden = gate_up.shape
-    if two_i % 2 or tuple(down.shape) != (num_experts, hidden, two_i // 2):
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    flagged = hasattr(module, "is_transposed") and hasattr(module, "has_gate")
+
+    if flagged and not module.has_gate:
+        if _is_3d(down) and _is_3d(getattr(module, "up_proj", None)):
+            raise UnsupportedExpertsError(
+                f"{name}: has_gate=False (experts with up_proj and down_proj only, act_fn(up) with no gate); "
+                f"the serving layout needs a gate projection w1, so there is no w1/w3/w2 adapter for it"
+            )
+        return None
+    if not (_is_3d(gate_up) and _is_3d(down)):
+        return None
+
+    if getattr(module, "has_post_expert_norm", False):
         raise UnsupportedExpertsError(
-            f"{name}: gate_up_proj {list(gate_up.shape)} and down_proj {list(down.shape)} do not form "
-            f"(E, 2I, H) and (E, H, I)"
+            f"{name}: has_post_expert_norm=True (a norm on each expert's output before the routing-weighted "
+            f"sum) is not supported: the down-projection LoRA would have to pass through that norm"
         )
-    return ExpertsLayout(num_experts, hidden, two_i // 2, silu_gate=_is_silu(module.act_fn))
+    if getattr(module, "_is_expert_parallel", False):
+        raise UnsupportedExpertsError(f"{name}: expert-parallel experts (sentinel expert ids) are not supported")
+    if not _takes_routing(module):
+        raise UnsupportedExpertsError(
+            f"{name}: its forward does not take (hidden_states, top_k_index, top_k_weights) (for example, "
+            f"Llama4TextExperts runs every expert on router-scaled copies of the input), so a LoRA experts "
+            f"layer with that contract cannot stand in for it"
+        )
+
+    biases = [getattr(module, p, None) for p in ("gate_up_proj_bias", "down_proj_bias")]
+    if flagged:
+        transposed = bool(module.is_transposed)
+        interleaved = not getattr(module, "is_concatenated", True)
+        has_bias = bool(getattr(module, "has_bias", False))
+        reading = _shape_reading(gate_up, down, transposed)
+        if reading is None:
+            raise UnsupportedExpertsError(
+                f"{name}: gate_up_proj {list(gate_up.shape)} and down_proj {list(down.shape)} do not have the "
+                f"shapes its flag is_transposed={transposed} says ("
+                + ("(E, H, 2I) and (E, I, H)" if transposed else "(E, 2I, H) and (E, H, I)")
+                + "; e.g. extra zero/identity experts)"
+            )
+    else:
+        # No flags: read the storage from the shapes. Both readings fitting at once is impossible for
+        # 3D gate_up and down (it would need H = 2I and I = H), but refuse rather than guess.
+        readings = {t: _shape_reading(gate_up, down, t) for t in (False, True)}
+        fits = [t for t, r in readings.items() if r is not None]
+        if len(fits) != 1:
+            raise UnsupportedExpertsError(
+                f"{name}: has no experts flags, and gate_up_proj {list(gate_up.shape)} with down_proj "
+                f"{list(down.shape)} "
+                + ("fit both (E, 2I, H) and (E, H, 2I) storage" if fits else "fit neither (E, 2I, H)/(E, H, I) "
+                   "nor (E, H, 2I)/(E, I, H)")
+            )
+        transposed, interleaved, has_bias = fits[0], False, False  # [gate; up]: transformers' default
+        reading = readings[transposed]
+        if any(isinstance(b, torch.Tensor) for b in biases):
+            raise UnsupportedExpertsError(
+                f"{name}: has expert biases but no has_bias flag, so whether its forward adds them is unknown"
+            )
+    num_experts, hidden, inter = reading
+
+    if has_bias:
+        want = [(num_experts, 2 * inter), (num_experts, hidden)]
+        got = [tuple(b.shape) if isinstance(b, torch.Tensor) else None for b in biases]
+        if got != want:
+            raise UnsupportedExpertsError(
+                f"{name}: has_bias=True but gate_up_proj_bias/down_proj_bias are {got}, expected {want}"
+            )
+
+    own_gate = _has_own_gate(module)
+    act_fn = getattr(module, "act_fn", None)
+    if not own_gate:
+        if not callable(act_fn):
+            raise UnsupportedExpertsError(f"{name}: no act_fn and no _apply_gate, so its gate function is unknown")
+        if interleaved:
+            raise UnsupportedExpertsError(
+                f"{name}: is_concatenated=False (interleaved gate/up) with the default gate, which splits "
+                f"[gate; up]: the two disagree on which columns are the gate"
+            )
+    return ExpertsLayout(
+        num_experts,
+        hidden,
+        inter,
+        transposed=transposed,
+        interleaved=interleaved,
+        has_bias=has_bias,
+        silu_gate=not own_gate and _is_silu(act_fn),
+        own_gate=own_gate,
+    )

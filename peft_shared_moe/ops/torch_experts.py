@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..factors import EXPERT_FACTORS
+from .experts_layout import ExpertsLayout
 from .routing import ExpertRouting, sort_pairs_by_expert
 
 
@@ -110,30 +111,60 @@ def _per_token_lora_input(hidden: torch.Tensor, A: torch.Tensor) -> torch.Tensor
     return F.linear(hidden.to(A.dtype), A[0])
 
 
+def _default_gate(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def gate(gate_up: torch.Tensor) -> torch.Tensor:
+        g, u = gate_up.chunk(2, dim=-1)
+        return act_fn(g) * u
+
+    return gate
+
+
 def experts_forward(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]],
     lora: Optional[ExpertLoraFactors] = None,
     linear: GroupedLinear = grouped_mm_linear,
+    *,
+    layout: Optional[ExpertsLayout] = None,
+    apply_gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """y_t = sum_k w_k (W_down + s B_down A_down)[e_k] (act(g_k) * u_k), g/u from (W + s B A)[e_k] x_t.
+    """y_t = sum_k w_k (W_down + s B_down A_down)[e_k] gate((W_gu + s B A)[e_k] x_t + b_gu) + b_down.
 
-    Shapes: hidden (T, H), top_k_* (T, k), gate_up_proj (E, 2I, H), down_proj (E, H, I) -> (T, H).
+    Computed in the block's own storage, so every layout is exact: `layout` (default: [gate; up]
+    (E, 2I, H), down (E, H, I)) says whether the weights are transposed (read as their (out, in)
+    views, no copy) and whether gate/up are interleaved (the LoRA gate/up delta is placed in the
+    same column order as the base product), and `apply_gate` is the block's own gate on that
+    (S, 2I) tensor (default act_fn(gate) * up). Biases (E, 2I) and (E, H) are added per pair
+    before the gate and before the routing weight, as transformers' experts code does.
+    Shapes: hidden (T, H), top_k_* (T, k) -> (T, H).
     """
-    num_experts, two_i, _ = gate_up_proj.shape
+    transposed = layout is not None and layout.transposed
+    # GroupedLinear wants (E, out, in): a transposed block's (E, in, out) storage read as a view.
+    gate_up_w = gate_up_proj.transpose(1, 2) if transposed else gate_up_proj  # (E, 2I, H)
+    down_w = down_proj.transpose(1, 2) if transposed else down_proj  # (E, H, I)
+    if apply_gate is None:
+        apply_gate = _default_gate(act_fn)
+    num_experts = gate_up_w.shape[0]
     routing = sort_pairs_by_expert(top_k_index, top_k_weights, num_experts)
-    base_dtype = gate_up_proj.dtype
+    base_dtype = gate_up_w.dtype
     if lora is not None and base_dtype in (torch.bfloat16, torch.float16):
         # float32 master factors, half-precision GEMMs: the LoRA products run at the base's speed
         # (grouped float32 GEMMs are several times slower on GPUs) and accumulate in float32.
         lora = lora.to(base_dtype)
     x_pairs = hidden_states[routing.token_of_pair]  # (S, H)
+    expert_of_pair = None
+    if gate_up_bias is not None or down_bias is not None:
+        expert_of_pair = top_k_index.reshape(-1)[routing.pair_order]  # (S,)
 
-    gate_up = linear(x_pairs, gate_up_proj, routing)  # (S, 2I)
+    gate_up = linear(x_pairs, gate_up_w, routing)  # (S, 2I), the block's column order
+    if gate_up_bias is not None:
+        gate_up = gate_up + gate_up_bias[expert_of_pair]
     if lora is not None:
         s = lora.scaling
         if lora.shared_in:
@@ -143,14 +174,15 @@ def experts_forward(
         else:
             a_gate = linear(x_pairs, lora["w1.lora_A"], routing)  # (S, r)
             a_up = linear(x_pairs, lora["w3.lora_A"], routing)  # (S, r)
-        delta = torch.cat(
-            [linear(a_gate, lora["w1.lora_B"], routing), linear(a_up, lora["w3.lora_B"], routing)], dim=-1
-        )  # (S, 2I)
+        d_gate = linear(a_gate, lora["w1.lora_B"], routing)  # (S, I)
+        d_up = linear(a_up, lora["w3.lora_B"], routing)  # (S, I)
+        delta = layout.gate_up_columns(d_gate, d_up) if layout is not None else torch.cat([d_gate, d_up], -1)
         gate_up = gate_up + (s * delta).to(base_dtype)
 
-    gate, up = gate_up.split(two_i // 2, dim=-1)  # (S, I) each
-    h = act_fn(gate) * up  # (S, I)
-    down = linear(h, down_proj, routing)  # (S, H)
+    h = apply_gate(gate_up)  # (S, I)
+    down = linear(h, down_w, routing)  # (S, H)
+    if down_bias is not None:
+        down = down + down_bias[expert_of_pair]
 
     token_delta = None
     if lora is not None:
