@@ -168,9 +168,14 @@ def experts_forward(
     if lora is not None:
         s = lora.scaling
         if lora.shared_in:
-            # One (T, 2r) product for both shared A's, then gathered to pairs.
-            shared_A = torch.cat([lora["w1.lora_A"], lora["w3.lora_A"]], dim=1)  # (1, 2r, H)
-            a_gate, a_up = _per_token_lora_input(hidden_states, shared_A)[routing.token_of_pair].chunk(2, dim=-1)
+            # A x once per token for each shared A, then one gather to pairs. The two A's are not
+            # concatenated first: a parameter's gradient would then be a slice of the concatenation's,
+            # with other strides than the parameter (DDP's "grad strides do not match bucket view").
+            a_tokens = torch.cat(
+                [_per_token_lora_input(hidden_states, lora["w1.lora_A"]), _per_token_lora_input(hidden_states, lora["w3.lora_A"])],
+                dim=-1,
+            )  # (T, 2r)
+            a_gate, a_up = a_tokens[routing.token_of_pair].chunk(2, dim=-1)  # (S, r) each
         else:
             a_gate = linear(x_pairs, lora["w1.lora_A"], routing)  # (S, r)
             a_up = linear(x_pairs, lora["w3.lora_A"], routing)  # (S, r)
