@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 from ..factors import EXPERT_FACTORS
 from .block_routing import BlockRouting, align_pairs_to_blocks
@@ -240,7 +240,8 @@ AUTO_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 
 # Whether triton.jit built the kernels for the interpreter (TRITON_INTERPRET=1 when this module was
 # imported), which runs them on CPU tensors; the environment variable read later could disagree.
-_INTERPRETED = isinstance(_grouped_gemm_kernel, InterpretedFunction)
+# (Not an import of the interpreter's class: that module needs numpy, which a GPU install may lack.)
+_INTERPRETED = not isinstance(_grouped_gemm_kernel, JITFunction)
 
 
 def interpreter_active() -> bool:
