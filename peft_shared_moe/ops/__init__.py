@@ -51,15 +51,36 @@ def resolve_backend(
     lora: Optional[ExpertLoraFactors] = None,
     weights: tuple[torch.Tensor, ...] = (),
 ) -> ExpertsBackend:
-    """The backend function for a config's `backend` on this call.
+    """The backend function for a config's `backend` on this call; `weights` are (gate_up_proj, down_proj).
 
-    "auto" runs the Triton kernels for CUDA inference of the layouts they implement, and the torch
-    path otherwise (training, CPU, other layouts and gates).
+    "triton" raises `TritonBackendError` wherever the kernels would not compute the exact result
+    (autograd needed, a layout or gate they do not implement, no CUDA device, triton missing, ...):
+    computing something else silently is never an option. "auto" runs the kernels for CUDA
+    inference where none of these holds, and the exact torch path otherwise.
     """
+    from .triton_support import TritonBackendError
+
+    if name == "triton" and name not in EXPERTS_BACKENDS:
+        try:
+            import triton  # noqa: F401  (only to say why the backend is missing)
+
+            why = "the triton backend did not register"
+        except ImportError as err:
+            why = f"triton does not import ({err})"
+        raise TritonBackendError.from_reasons([f"{why}: install triton, or use backend='auto' or 'torch'"])
+    if name in ("auto", "triton") and "triton" in EXPERTS_BACKENDS:
+        from . import triton_experts
+
+        reasons = triton_experts.triton_refusals(hidden_states, weights, lora, layout=layout)
+        if name == "triton":
+            if reasons:
+                raise TritonBackendError.from_reasons(reasons)
+        elif not reasons and hidden_states.device.type in triton_experts.AUTO_DEVICE_TYPES:
+            return partial(
+                triton_experts.triton_unless_routing_grad, EXPERTS_BACKENDS["triton"], EXPERTS_BACKENDS["torch"]
+            )
     if name == "auto":
-        tensors = [hidden_states, *weights] + (lora.values() if lora is not None else [])
-        fused_ok = "triton" in EXPERTS_BACKENDS and hidden_states.is_cuda and layout.fused_kernels_ok
-        name = "triton" if fused_ok and not _needs_autograd(tensors) else "torch"
+        name = "torch"
     try:
         return EXPERTS_BACKENDS[name]
     except KeyError:

@@ -12,21 +12,30 @@ The passes for one layer (shared-outer adapter):
 4. per token: y = sum_k (S, H) rows + s (sum_k (S, r) rows) B_down^T   (B_down once per token)
 Per-expert A or B adds one small grouped pass each (the shrink for A, the down expansion for B).
 The pure-torch reference beside these kernels is `torch_experts.experts_forward`.
+
+Exact or refused: `triton_experts_forward` raises `TritonBackendError` where the kernels would compute
+something else (autograd, another gate or layout, no CUDA device, ...; `triton_refusals`), float32
+products follow torch's matmul precision (`dot_precision`), and the adapter is packed from the live
+factors on every call (`pack_lora`), never from a cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
+from triton.runtime.jit import JITFunction
 
+from ..factors import EXPERT_FACTORS
 from .block_routing import BlockRouting, align_pairs_to_blocks
+from .experts_layout import ExpertsLayout, _is_silu
 from .kernel_configs import KernelConfig, kernel_config
 from .torch_experts import ExpertLoraFactors, is_shared
+from .triton_support import TritonBackendError
 
 
 @triton.jit
@@ -68,6 +77,7 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32": float32 products follow torch's matmul precision
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -102,7 +112,7 @@ def _grouped_gemm_kernel(
             k_ok = offs_k < K - k0
             a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             s = tl.load(s_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc_r += tl.dot(a, s.to(a.dtype))
+            acc_r += tl.dot(a, s.to(a.dtype), input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             s_ptrs += BLOCK_K * stride_sk
         if MUL_WEIGHT:
@@ -117,10 +127,10 @@ def _grouped_gemm_kernel(
             k_ok = offs_k < K - k0
             a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += tl.dot(a, b.to(a.dtype))
+            acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION)
             if GATED:
                 b_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc_up += tl.dot(a, b_up.to(a.dtype))
+                acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
 
@@ -130,11 +140,11 @@ def _grouped_gemm_kernel(
             b_ptrs = lora_b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
             la = tl.load(l_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
             lb = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += scaling * tl.dot(la, lb.to(la.dtype))
+            acc += scaling * tl.dot(la, lb.to(la.dtype), input_precision=DOT_PRECISION)
             if GATED:
                 la_up = tl.load(l_ptrs + R * stride_lk, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                 lb_up = tl.load(b_ptrs + N * stride_bn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                acc_up += scaling * tl.dot(la_up, lb_up.to(la_up.dtype))
+                acc_up += scaling * tl.dot(la_up, lb_up.to(la_up.dtype), input_precision=DOT_PRECISION)
 
         if GATED:
             acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # SiLU(gate) * up
@@ -155,6 +165,7 @@ def _launch(
     config: KernelConfig,
     *,
     x_row_div: int,
+    precision: str,
     gated: bool = False,
     expand: Optional[tuple[torch.Tensor, torch.Tensor, int, float]] = None,
     shrink: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
@@ -162,7 +173,9 @@ def _launch(
 ) -> torch.Tensor:
     """One grouped GEMM over the expert blocks; see `_grouped_gemm_kernel` for the fused extras.
 
-    expand = (lora_in, lora_b, lora_row_div, scaling); shrink = (shrink_w, shrink_out).
+    expand = (lora_in, lora_b, lora_row_div, scaling); shrink = (shrink_w, shrink_out); precision is
+    the `tl.dot` input precision (`dot_precision`). Factor tiles are cast to the activation dtype as
+    they are loaded, so factors may be passed in their own dtype.
     """
     num_experts, n_w, k = weight.shape
     n = n_w // 2 if gated else n_w
@@ -178,7 +191,7 @@ def _launch(
         rank = shrink_w.shape[1]
     block_r = max(16, triton.next_power_of_2(max(rank, 1)))
     grid = (routing.max_blocks, triton.cdiv(n, config.block_n) + (shrink is not None))
-    flags = (gated, expand is not None, shrink is not None, block_r, config)
+    flags = (gated, expand is not None, shrink is not None, block_r, config, precision)
     stages = _STAGES_THAT_FIT.get(flags, config.num_stages)
     while True:
         try:
@@ -204,6 +217,7 @@ def _launch(
                 BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k,
                 BLOCK_R=block_r,
+                DOT_PRECISION=precision,
                 num_warps=config.num_warps,
                 num_stages=stages,
             )
@@ -217,44 +231,164 @@ def _launch(
     return out
 
 
+# The activation dtypes the kernels are written and tested for.
+KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+# The devices `backend="auto"` sends to the kernels. The interpreter runs them on the CPU as well, but
+# one program after another: there only an explicit `backend="triton"` (the tests) uses it.
+AUTO_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
+
+
+# Whether triton.jit built the kernels for the interpreter (TRITON_INTERPRET=1 when this module was
+# imported), which runs them on CPU tensors; the environment variable read later could disagree.
+# (Not an import of the interpreter's class: that module needs numpy, which a GPU install may lack.)
+_INTERPRETED = not isinstance(_grouped_gemm_kernel, JITFunction)
+
+
+def interpreter_active() -> bool:
+    """The kernels run in the Triton interpreter, so CPU tensors are fine."""
+    return _INTERPRETED
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision for activations of `dtype`: what torch's own float32 CUDA matmuls use.
+
+    float32 gets "ieee" (full precision, torch's default "highest") unless torch allows TF32 for
+    float32 matmuls (`torch.set_float32_matmul_precision("high")` or "medium", or
+    `torch.backends.cuda.matmul.fp32_precision = "tf32"`). 16-bit activations get "tf32", triton's
+    default, which does not touch 16-bit operands: their compiled kernels are unchanged.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    # torch >= 2.9 keeps the setting here; the legacy setter writes it too ("none": not set this way).
+    setting = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", "none")
+    if setting == "none":
+        try:
+            setting = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+        except RuntimeError:  # legacy and new API mixed: torch refuses to say, so take the exact one
+            setting = "ieee"
+    return "tf32" if setting == "tf32" else "ieee"
+
+
+def triton_refusals(
+    hidden_states: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    lora: Optional[ExpertLoraFactors] = None,
+    *,
+    top_k_weights: Optional[torch.Tensor] = None,
+    layout: Optional[ExpertsLayout] = None,
+    act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> list[str]:
+    """Every reason the kernels would not compute this call exactly, each with what to do; [] if none.
+
+    `weights` are the base (gate_up_proj, down_proj). The kernels have no backward (autograd would
+    silently reach only what the torch ops around them compute), implement one layout and the SiLU
+    gate, need CUDA (or the interpreter), and compute in the activation dtype.
+    """
+    named = {"hidden_states": hidden_states, **dict(zip(("gate_up_proj", "down_proj"), weights))}
+    if top_k_weights is not None:
+        named["top_k_weights"] = top_k_weights
+    if lora is not None:
+        named.update((f, lora[f]) for f in EXPERT_FACTORS)
+    reasons = []
+    if torch.is_grad_enabled():
+        need_grad = [n for n, t in named.items() if t.requires_grad]
+        if need_grad:
+            reasons.append(
+                f"autograd is needed ({', '.join(need_grad)} require grad) and the kernels have no backward: "
+                "train with backend='auto' or 'torch', or run inference under torch.no_grad()"
+            )
+    if layout is not None and not layout.fused_kernels_ok:
+        reasons.append(
+            f"the kernels implement [gate; up] (E, 2I, H) weights without bias and a SiLU gate, not {layout}: "
+            "use backend='auto' or 'torch'"
+        )
+    if act_fn is not None and not _is_silu(act_fn):
+        reasons.append(f"the kernels implement the SiLU gate, not {act_fn!r}: use backend='auto' or 'torch'")
+    elsewhere = [n for n, t in named.items() if t.device != hidden_states.device]
+    if elsewhere:
+        reasons.append(
+            f"{', '.join(elsewhere)} are not on the hidden states' device {hidden_states.device}: put them on one CUDA device"
+        )
+    if hidden_states.device.type != "cuda" and not interpreter_active():
+        reasons.append(
+            f"the kernels need a CUDA device, the hidden states are on {hidden_states.device}: use backend='auto' "
+            "or 'torch' (tests run the kernels on the CPU with TRITON_INTERPRET=1 set before triton is imported)"
+        )
+    dtype = hidden_states.dtype
+    if dtype not in KERNEL_DTYPES or (interpreter_active() and dtype == torch.bfloat16):
+        reasons.append(
+            f"the kernels compute in float16, bfloat16 or float32 (the interpreter: not bfloat16), not {dtype}: "
+            "use backend='auto' or 'torch'"
+        )
+    elif any(w.dtype != dtype for w in weights):
+        reasons.append(
+            f"the base weights are {[str(w.dtype) for w in weights]} and the activations {dtype}: the kernels "
+            "would compute in the activation dtype, the torch path in the weights' dtype; cast one to the other, "
+            "or use backend='auto' or 'torch'"
+        )
+    return reasons
+
+
+def triton_unless_routing_grad(
+    triton_forward: Callable[..., torch.Tensor],
+    torch_forward: Callable[..., torch.Tensor],
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    *args,
+    **kwargs,
+) -> torch.Tensor:
+    """`backend="auto"` once `resolve_backend` saw no reason against the kernels.
+
+    The routing weights, which `resolve_backend` does not see, decide last: a trainable router
+    needs their gradient, so the torch path runs then.
+    """
+    needs_grad = torch.is_grad_enabled() and top_k_weights.requires_grad
+    forward = torch_forward if needs_grad else triton_forward
+    return forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class PackedExpertLora:
-    """An adapter's factors in the kernels' layout and dtype: gate and up stacked along the rank / rows."""
+    """An adapter's factors as the kernels read them: gate and up stacked along the rank / rows.
 
-    gate_up_A: torch.Tensor  # (1|E, 2r, H)
+    Only what a torch matmul reads is in the activation dtype (gate_up_A, and a shared down_B); the
+    kernels cast the other factors tile by tile as they load them.
+    """
+
+    gate_up_A: torch.Tensor  # (1|E, 2r, H), activation dtype
     gate_up_B: torch.Tensor  # (E, 2I, r)
     down_A: torch.Tensor  # (E, r, I)
-    down_B: torch.Tensor  # (1|E, H, r)
+    down_B: torch.Tensor  # (1|E, H, r), activation dtype if shared
     scaling: float
 
 
-# w1.lora_B of an adapter -> (stamp of all its factors, packed factors); entries die with the adapter.
-_PACKED = WeakIdKeyDictionary()
+def _stack(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """`parts` concatenated along dim 1 into `dtype`: one cat writing the converted values directly."""
+    if torch.compiler.is_compiling():  # traced into the graph; inductor fuses the casts into the cat
+        return torch.cat([p.to(dtype) for p in parts], dim=1)
+    shape = (parts[0].shape[0], sum(p.shape[1] for p in parts), *parts[0].shape[2:])
+    return torch.cat(parts, dim=1, out=torch.empty(shape, dtype=dtype, device=parts[0].device))
 
 
 def pack_lora(lora: ExpertLoraFactors, dtype: torch.dtype) -> PackedExpertLora:
-    """Packed factors, cached per adapter until any factor is modified (training step, load, merge).
+    """The factors in the kernels' layout, built on every call from the factors as they are now.
 
-    Resident adapters are packed once, so switching the active adapter costs no copy per call.
-    Under torch.compile the packing is traced into the graph instead (no cache there).
+    No cache across calls, so stale factors cannot be served: a cache keyed on data pointers and
+    version counters misses in-place edits through `.data` (they bump no version), and nothing
+    cheaper than the packing itself proves a cached copy current. The cost per call is one cat for
+    gate/up A (CUDA: one kernel, or one copy per part when it casts), one for gate/up B (in the
+    factors' dtype), and one cast of a shared B_down whose dtype differs from the activations';
+    down_A and a per-expert B_down are read as they are.
     """
-    factors = lora.values()
-    stamp = None
-    if not torch.compiler.is_compiling():
-        stamp = (dtype, lora.scaling) + tuple((t.data_ptr(), t._version) for t in factors)
-        cached = _PACKED.get(lora["w1.lora_B"])
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-    packed = PackedExpertLora(
-        gate_up_A=torch.cat([lora["w1.lora_A"], lora["w3.lora_A"]], dim=1).to(dtype).contiguous(),
-        gate_up_B=torch.cat([lora["w1.lora_B"], lora["w3.lora_B"]], dim=1).to(dtype).contiguous(),
-        down_A=lora["w2.lora_A"].to(dtype).contiguous(),
-        down_B=lora["w2.lora_B"].to(dtype).contiguous(),
+    down_B = lora["w2.lora_B"]
+    return PackedExpertLora(
+        gate_up_A=_stack([lora["w1.lora_A"], lora["w3.lora_A"]], dtype),
+        gate_up_B=torch.cat([lora["w1.lora_B"], lora["w3.lora_B"]], dim=1),
+        down_A=lora["w2.lora_A"],
+        down_B=down_B.to(dtype) if is_shared(down_B) else down_B,
         scaling=lora.scaling,
     )
-    if stamp is not None:
-        _PACKED[lora["w1.lora_B"]] = (stamp, packed)
-    return packed
 
 
 def triton_experts_forward(
@@ -266,10 +400,16 @@ def triton_experts_forward(
     act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     lora: Optional[ExpertLoraFactors] = None,
 ) -> torch.Tensor:
-    """Same contract as `torch_experts.experts_forward` for SiLU experts, for inference (no autograd).
+    """Same contract as `torch_experts.experts_forward` for SiLU experts (act_fn None means SiLU), inference only.
 
-    The LoRA factors run in the activation dtype, packed once per adapter (`pack_lora`).
+    Raises `TritonBackendError` where the kernels would not compute exactly that (`triton_refusals`).
+    The LoRA factors run in the activation dtype, packed on each call (`pack_lora`).
     """
+    reasons = triton_refusals(
+        hidden_states, (gate_up_proj, down_proj), lora, top_k_weights=top_k_weights, act_fn=act_fn
+    )
+    if reasons:
+        raise TritonBackendError.from_reasons(reasons)
     p = pack_lora(lora, hidden_states.dtype) if lora is not None else None
     if not torch.compiler.is_compiling():  # eager and CUDA-graph capture: skip the op dispatcher's cost
         return _fused_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, p)
@@ -313,51 +453,57 @@ def _fused_experts(
     down_proj: torch.Tensor,
     packed: Optional[PackedExpertLora],
 ) -> torch.Tensor:
-    num_tokens, top_k = top_k_index.shape
-    num_experts, two_i, hidden = gate_up_proj.shape
-    inter = two_i // 2
-    dtype = hidden_states.dtype
-    x = hidden_states.contiguous()
-    num_pairs = num_tokens * top_k
-    config_up = kernel_config("gate_up", num_tokens, x.device)
-    config_down = kernel_config("down", num_tokens, x.device)
-    routing_up = align_pairs_to_blocks(top_k_index, num_experts, config_up.block_m)
-    routing_down = (
-        routing_up
-        if config_down.block_m == config_up.block_m
-        else align_pairs_to_blocks(top_k_index, num_experts, config_down.block_m)
-    )
-    pair_weights = top_k_weights.reshape(-1).contiguous()
+    # Triton launches on the current CUDA device; with a multi-GPU device_map the layer's may be another.
+    guard = torch.cuda.device(hidden_states.device) if hidden_states.is_cuda else contextlib.nullcontext()
+    with guard:
+        num_tokens, top_k = top_k_index.shape
+        num_experts, two_i, hidden = gate_up_proj.shape
+        inter = two_i // 2
+        dtype = hidden_states.dtype
+        x = hidden_states.contiguous()
+        num_pairs = num_tokens * top_k
+        config_up = kernel_config("gate_up", num_tokens, x.device)
+        config_down = kernel_config("down", num_tokens, x.device)
+        routing_up = align_pairs_to_blocks(top_k_index, num_experts, config_up.block_m)
+        routing_down = (
+            routing_up
+            if config_down.block_m == config_up.block_m
+            else align_pairs_to_blocks(top_k_index, num_experts, config_down.block_m)
+        )
+        pair_weights = top_k_weights.reshape(-1).contiguous()
+        precision = dot_precision(dtype)
 
-    h = torch.empty(num_pairs, inter, dtype=dtype, device=x.device)
-    expand = None
-    if packed is not None:
-        if is_shared(packed.gate_up_A):
-            a = x @ packed.gate_up_A[0].T  # (T, 2r): shared A once per token
-            expand = (a, packed.gate_up_B, top_k, packed.scaling)
-        else:
-            a = torch.empty(num_pairs, packed.gate_up_A.shape[1], dtype=dtype, device=x.device)
-            _launch(x, packed.gate_up_A, a, routing_up, config_up, x_row_div=top_k)  # (S, 2r)
-            expand = (a, packed.gate_up_B, 1, packed.scaling)
-    _launch(x, gate_up_proj, h, routing_up, config_up, x_row_div=top_k, gated=True, expand=expand)
+        h = torch.empty(num_pairs, inter, dtype=dtype, device=x.device)
+        expand = None
+        if packed is not None:
+            if is_shared(packed.gate_up_A):
+                a = x @ packed.gate_up_A[0].T  # (T, 2r): shared A once per token
+                expand = (a, packed.gate_up_B, top_k, packed.scaling)
+            else:
+                a = torch.empty(num_pairs, packed.gate_up_A.shape[1], dtype=dtype, device=x.device)
+                _launch(x, packed.gate_up_A, a, routing_up, config_up, x_row_div=top_k, precision=precision)  # (S, 2r)
+                expand = (a, packed.gate_up_B, 1, packed.scaling)
+        _launch(
+            x, gate_up_proj, h, routing_up, config_up, x_row_div=top_k, precision=precision, gated=True, expand=expand
+        )
 
-    rank_out = packed.down_B.shape[-1] if packed is not None and is_shared(packed.down_B) else 0
-    # Shared B_down: the routing-weighted shrink lands in `rank_out` extra columns beside the down
-    # output, so one per-token sum reduces both.
-    out = torch.empty(num_pairs, hidden + rank_out, dtype=dtype, device=x.device)
-    shrink = down_expand = None
-    if rank_out:
-        shrink = (packed.down_A, out[:, hidden:])
-    elif packed is not None:
-        a_down = torch.empty(num_pairs, packed.down_A.shape[1], dtype=dtype, device=x.device)
-        _launch(h, packed.down_A, a_down, routing_down, config_down, x_row_div=1)
-        down_expand = (a_down, packed.down_B, 1, packed.scaling)
-    _launch(
-        h, down_proj, out[:, :hidden], routing_down, config_down,
-        x_row_div=1, expand=down_expand, shrink=shrink, pair_weights=pair_weights,
-    )
-    summed = out.view(num_tokens, top_k, hidden + rank_out).sum(dim=1)  # (T, H + r)
-    if not rank_out:
-        return summed
-    # B_down once per token, on the routing-weighted sum of the rank-r activations
-    return torch.addmm(summed[:, :hidden], summed[:, hidden:], packed.down_B[0].T, alpha=packed.scaling)
+        rank_out = packed.down_B.shape[-1] if packed is not None and is_shared(packed.down_B) else 0
+        # Shared B_down: the routing-weighted shrink lands in `rank_out` extra columns beside the down
+        # output, so one per-token sum reduces both.
+        out = torch.empty(num_pairs, hidden + rank_out, dtype=dtype, device=x.device)
+        shrink = down_expand = None
+        if rank_out:
+            shrink = (packed.down_A, out[:, hidden:])
+        elif packed is not None:
+            a_down = torch.empty(num_pairs, packed.down_A.shape[1], dtype=dtype, device=x.device)
+            _launch(h, packed.down_A, a_down, routing_down, config_down, x_row_div=1, precision=precision)
+            down_expand = (a_down, packed.down_B, 1, packed.scaling)
+        _launch(
+            h, down_proj, out[:, :hidden], routing_down, config_down,
+            x_row_div=1, precision=precision, expand=down_expand, shrink=shrink, pair_weights=pair_weights,
+        )
+        summed = out.view(num_tokens, top_k, hidden + rank_out).sum(dim=1)  # (T, H + r)
+        if not rank_out:
+            return summed
+        # B_down once per token, on the routing-weighted sum of the rank-r activations
+        return torch.addmm(summed[:, :hidden], summed[:, hidden:], packed.down_B[0].T, alpha=packed.scaling)
