@@ -7,7 +7,8 @@ Importing this package registers the peft_type "SHARED_MOE_LORA" with PEFT, so
 from peft import mapping as _peft_mapping
 
 from .config import PEFT_TYPE, SharedMoeLoraConfig
-from .ops import register_transformers_experts_implementation
+from .ops import UnsupportedExpertsError, register_transformers_experts_implementation
+from .ops.triton_support import TritonBackendError
 from .tuners import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraModel, is_fused_experts
 from .formats import export_adapter, import_adapter, inspect_adapter, shard_adapter
 
@@ -30,6 +31,8 @@ __all__ = [
     "PEFT_TYPE",
     "SharedMoeLoraConfig",
     "SharedMoeLoraModel",
+    "TritonBackendError",
+    "UnsupportedExpertsError",
     "export_adapter",
     "import_adapter",
     "inspect_adapter",

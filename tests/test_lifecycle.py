@@ -305,35 +305,19 @@ def test_factor_gradients_have_their_parameters_strides(qwen3_path, shared):
     assert {n: p.grad.stride() for n, p in factors.items()} == {n: p.stride() for n, p in factors.items()}
 
 
-def _ddp_step(rank: int, path: str, port: int, out: str) -> None:
-    import os
-    import warnings
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        model = get_peft_model(load(path), config(init_lora_weights=False))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ids = input_ids(seed=rank)
-            ddp(input_ids=ids, labels=ids).loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        torch.save({"warnings": [str(w.message) for w in caught], "grads": grads}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_on_two_cpu_processes_without_stride_warnings(qwen3_path, tmp_path):
-    import socket
+    """Two gloo processes launched by torchrun, as users launch DDP; a clean environment each."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_step, args=(qwen3_path, port, str(tmp_path)), nprocs=2)
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(root / "tests" / "ddp_worker.py"), qwen3_path, str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in ranks:
         assert not [w for w in result["warnings"] if "stride" in w.lower()]

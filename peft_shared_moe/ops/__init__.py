@@ -40,10 +40,6 @@ except ImportError:  # triton is optional at run time; the torch paths cover eve
     pass
 
 
-def _needs_autograd(tensors: list[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def resolve_backend(
     name: str,
     hidden_states: torch.Tensor,
@@ -110,11 +106,6 @@ def run_experts(
         return fn(
             hidden_states, top_k_index, top_k_weights, *weights, act_fn, lora=lora,
             layout=layout, apply_gate=gate_function(experts), gate_up_bias=biases[0], down_bias=biases[1],
-        )
-    if not layout.fused_kernels_ok:
-        raise ValueError(
-            f"experts backend {backend!r} implements only [gate; up] (E, 2I, H) experts without bias and with "
-            f"the SiLU gate; {type(experts).__name__} is {layout}: use backend='torch' or 'auto'"
         )
     return fn(hidden_states, top_k_index, top_k_weights, *weights, act_fn, lora=lora)
 

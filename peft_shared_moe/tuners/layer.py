@@ -174,12 +174,17 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    def factor_dict(self, factor: str) -> nn.ModuleDict:
+        """The per-adapter `ModuleDict` of one factor, e.g. "w1.lora_A" -> self.w1.lora_A."""
+        proj, side = factor.split(".")
+        return getattr(getattr(self, proj), side)
+
     def __getattr__(self, name: str):
         # PEFT reaches adapter state through getattr(layer, name) for each name in adapter_layer_names;
-        # ours are the dotted factor names ("w1.lora_A"), which resolve through the projection module.
+        # ours are the dotted factor names ("w1.lora_A"). Our own code calls `factor_dict` instead,
+        # which torch.compile can trace (a dotted attribute name cannot be a graph source).
         if "." in name:
-            proj, _, side = name.partition(".")
-            return getattr(getattr(self, proj), side)
+            return self.factor_dict(name)
         return super().__getattr__(name)
 
     @property
@@ -201,13 +206,13 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
                 nn.init.zeros_(weight)
             else:
                 _uniform_(weight, fan_in(factor, hidden, inter, config.r))
-            getattr(self, factor)[adapter_name] = ExpertFactor(weight)
+            self.factor_dict(factor)[adapter_name] = ExpertFactor(weight)
         self._record_scaling(adapter_name, config)
         self.backend[adapter_name] = config.backend
         self.set_adapter(self.active_adapters)
 
     def factors(self, adapter_name: str) -> ExpertLoraFactors:
-        tensors = {f: getattr(self, f)[adapter_name].weight for f in EXPERT_FACTORS}
+        tensors = {f: self.factor_dict(f)[adapter_name].weight for f in EXPERT_FACTORS}
         return ExpertLoraFactors(tensors, scaling=self.scaling[adapter_name])
 
     def combined_factors(self, adapter_names: list[str]) -> ExpertLoraFactors:

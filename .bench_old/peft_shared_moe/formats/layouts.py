@@ -1,0 +1,382 @@
+"""Recognising adapter layouts: from the safetensors header alone, every accepted input becomes a
+list of canonical `Factor`s.
+
+A factor is one tensor of the native layout (REFERENCE §3: `w1.lora_A` ... for an experts block,
+`lora_A` / `lora_B` for a linear) with the place its data lives in the source: a 3D tensor, a row
+range of a fused gate_up tensor, or one 2D tensor per expert. `plan.py` validates the factors and
+decides sharing; writers stream them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+from peft.utils.other import get_pattern_key
+
+from ..config import PEFT_TYPE
+from ..tuners.layer import EXPERT_FACTOR_KEYS
+from .io import AdapterFormatError, Reader, TensorMeta
+
+PREFIX = "base_model.model."
+EXPERT_FACTORS = tuple(EXPERT_FACTOR_KEYS.values())  # w1.lora_A, w1.lora_B, w3.lora_A, ... (write order)
+# The factors that touch H; with shared-outer they are one tensor (dim 0 == 1) for all experts of a layer.
+OUTER_FACTORS = ("w1.lora_A", "w3.lora_A", "w2.lora_B")
+# Native projection names (w1 = gate, w3 = up, w2 = down) -> the gate/up/down_proj names (vLLM, SGLang).
+NATIVE_TO_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+FUSED = "gate_up_proj"
+
+LAYOUTS = {
+    "3d": "experts.w1|w3|w2.lora_A|lora_B.weight, 3D (native, SGLang, Tinker)",
+    "3d-proj": "experts.gate_proj|up_proj|down_proj.lora_A|lora_B.weight, 3D",
+    "fused": "experts.gate_up_proj|down_proj.lora_A|lora_B.weight, 3D (gate and up concatenated)",
+    "per-expert": "experts.{e}.gate_proj|up_proj|down_proj.lora_A|lora_B.weight, 2D (vLLM)",
+    "per-expert-w": "experts.{e}.w1|w3|w2.lora_A|lora_B.weight, 2D",
+    "dense": "no experts tensors (linear LoRA only)",
+}
+PER_EXPERT_LAYOUTS = ("per-expert", "per-expert-w")
+
+_EXPERT_KEY = re.compile(
+    r"^(?P<module>.+\.experts)\.(?:(?P<expert>\d+)\.)?"
+    r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj|gate_up_proj)\.lora_(?P<ab>[AB])\.weight$"
+)
+_LINEAR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_UNSUPPORTED_INITS = "changes the base weights, so the adapter is not a delta on the original base"
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def layer_index(module: str) -> Optional[int]:
+    match = _LAYER.search(module)
+    return int(match.group(1)) if match else None
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    shown = "\n    ".join(items[:limit])
+    return f"\n    {shown}" + (f"\n    ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def raise_problems(what: str, problems: list[str]) -> None:
+    if problems:
+        raise AdapterFormatError(f"{what}:{_listing(problems)}")
+
+
+# ---- config -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter_config.json fields that conversions keep or check."""
+
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    lora_dropout: float = 0.0
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def rank_for(self, module: str) -> int:
+        """`rank_pattern` matched as PEFT does, against the module path (e.g. model.layers.0.mlp.experts)."""
+        return self.rank_pattern.get(get_pattern_key(list(self.rank_pattern), module), self.r)
+
+
+def read_settings(config: dict[str, Any], where: str) -> LoraSettings:
+    """Check the config is a LoRA we can convert exactly, and keep what conversions need."""
+    peft_type = config.get("peft_type")
+    if peft_type not in ("LORA", PEFT_TYPE):
+        raise AdapterFormatError(f"{where}: peft_type {peft_type!r} is not supported (expected 'LORA' or {PEFT_TYPE!r})")
+    r, alpha = config.get("r"), config.get("lora_alpha", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterFormatError(f"{where}: r must be a positive integer, found {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise AdapterFormatError(f"{where}: lora_alpha must be a positive number, found {alpha!r}")
+    refused = {
+        "use_dora": (bool(config.get("use_dora")), "DoRA adds magnitude vectors that serving engines do not read"),
+        "lora_bias": (bool(config.get("lora_bias")), "LoRA biases are not part of the shared-outer layout"),
+        "bias": (config.get("bias") not in (None, "none"), "trained base biases are not part of a LoRA adapter"),
+        "modules_to_save": (bool(config.get("modules_to_save")), "full module copies cannot be converted"),
+        "init_lora_weights": (
+            isinstance(config.get("init_lora_weights"), str) and config["init_lora_weights"] != "gaussian",
+            _UNSUPPORTED_INITS,
+        ),
+    }
+    for name, (bad, why) in refused.items():
+        if bad:
+            raise AdapterFormatError(f"{where}: {name}={config[name]!r} is not supported: {why}")
+    patterns = {name: config.get(name) or {} for name in ("rank_pattern", "alpha_pattern")}
+    for name, pattern in patterns.items():
+        if not isinstance(pattern, dict):
+            raise AdapterFormatError(f"{where}: {name} must be an object (module pattern -> value), found {pattern!r}")
+    for module, rank in patterns["rank_pattern"].items():
+        if not isinstance(rank, int) or rank <= 0:
+            raise AdapterFormatError(f"{where}: rank_pattern[{module!r}] must be a positive integer, found {rank!r}")
+    return LoraSettings(
+        peft_type=peft_type,
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=bool(config.get("use_rslora", False)),
+        lora_dropout=float(config.get("lora_dropout") or 0.0),
+        rank_pattern=patterns["rank_pattern"],
+        alpha_pattern=patterns["alpha_pattern"],
+        task_type=config.get("task_type"),
+        base_model_name_or_path=config.get("base_model_name_or_path"),
+    )
+
+
+# ---- keys and layouts ---------------------------------------------------------------------
+
+
+def _key_layouts(proj: str, numbered: bool) -> frozenset[str]:
+    """The layouts one expert key can belong to (empty: no layout has it)."""
+    if numbered:
+        return frozenset() if proj == FUSED else frozenset({"per-expert-w" if proj[0] == "w" else "per-expert"})
+    if proj[0] == "w":
+        return frozenset({"3d"})
+    if proj == "down_proj":  # both the 3D-proj and the fused layouts name down this way
+        return frozenset({"3d-proj", "fused"})
+    return frozenset({"fused" if proj == FUSED else "3d-proj"})
+
+
+@dataclass
+class _Module:
+    kind: str  # "experts" or "linear"
+    # (projection name as written, "A" or "B") -> expert index (None when not numbered) -> key
+    keys: dict[tuple[str, str], dict[Optional[int], str]] = field(default_factory=dict)
+
+
+def _scan(meta: dict[str, TensorMeta], where: str) -> tuple[dict[str, _Module], str]:
+    """Group keys by module and find the adapter's one layout; unknown keys and mixed layouts are errors."""
+    modules: dict[str, _Module] = {}
+    unknown: list[str] = []
+    layouts: Optional[frozenset[str]] = None
+    witness = ""
+    for key in sorted(meta, key=natural_key):
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        expert_match, linear_match = _EXPERT_KEY.match(name), _LINEAR_KEY.match(name)
+        if expert_match:
+            module, expert, proj, ab = expert_match.group("module", "expert", "proj", "ab")
+            expert = None if expert is None else int(expert)
+            allowed = _key_layouts(proj, expert is not None)
+            if not allowed:
+                unknown.append(key)
+                continue
+            if layouts is not None and not layouts & allowed:
+                raise AdapterFormatError(
+                    f"{where}: mixed layouts in one adapter: {key} is in the {' or '.join(sorted(allowed))} layout, "
+                    f"but {witness} is in the {' or '.join(sorted(layouts))} layout"
+                )
+            if layouts is None or layouts & allowed != layouts:
+                layouts, witness = (allowed if layouts is None else layouts & allowed), key
+            kind = "experts"
+        elif linear_match and "experts" not in linear_match.group("module").split("."):
+            module, expert, proj, ab, kind = linear_match.group("module"), None, "", linear_match.group("ab"), "linear"
+        else:
+            unknown.append(key)
+            continue
+        slot = modules.setdefault(module, _Module(kind)).keys.setdefault((proj, ab), {})
+        if expert in slot:
+            raise AdapterFormatError(f"{where}: {key} and {slot[expert]} name the same tensor")
+        slot[expert] = key
+    if unknown:
+        raise AdapterFormatError(
+            f"{where}: {len(unknown)} unknown tensor(s) (expected LoRA keys like ...experts.w1.lora_A.weight, "
+            f"...experts.{{e}}.gate_proj.lora_A.weight or ...q_proj.lora_A.weight):{_listing(unknown)}"
+        )
+    if layouts is None:
+        return modules, "dense"
+    return modules, "3d-proj" if "3d-proj" in layouts else next(iter(layouts))
+
+
+# ---- the plan -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a canonical factor's data lives: one tensor (optionally a row range along dim 1 of a
+    fused gate_up tensor), or one 2D tensor per expert, stacked along a new dim 0."""
+
+    keys: tuple[str, ...]
+    label: str  # how errors name it
+    rows: Optional[tuple[int, int]] = None
+    stacked: bool = False
+
+    def load(self, reader: Reader, expert: Optional[int] = None) -> torch.Tensor:
+        """The canonical tensor, or only `expert`'s part of it (kept 3D: [1, ...])."""
+        if self.stacked:
+            if expert is not None:
+                return reader.load(self.keys[expert]).unsqueeze(0)
+            return torch.stack([reader.load(key) for key in self.keys])
+        if expert is None and self.rows is None:
+            return reader.load(self.keys[0])
+        experts = slice(None) if expert is None else slice(expert, expert + 1)
+        return reader.load(self.keys[0], (experts, slice(*self.rows) if self.rows else slice(None)))
+
+    def describe(self, expert: Optional[int]) -> str:
+        if self.stacked and expert is not None:
+            return self.keys[expert]
+        return self.label if expert is None else f"{self.label} (expert {expert})"
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One canonical tensor: a native factor of one module, with the source of its data."""
+
+    module: str  # module path in the model, e.g. model.layers.0.mlp.experts
+    name: str  # "w1.lora_A" ... for an experts block, "lora_A" / "lora_B" for a linear
+    source: Source
+    meta: TensorMeta  # canonical shape (outer factors: dim 0 is 1 or E) and dtype
+    num_experts: int = 0  # E for experts factors, 0 for linear ones
+
+    @property
+    def is_expert(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def is_outer(self) -> bool:
+        return self.is_expert and self.name in OUTER_FACTORS
+
+    @property
+    def key(self) -> str:
+        return f"{PREFIX}{self.module}.{self.name}.weight"
+
+
+def _written_proj(layout: str, native: str) -> str:
+    return native if layout in ("3d", "per-expert-w") else NATIVE_TO_PROJ[native]
+
+
+def _stacked_source(slot: dict[Optional[int], str], meta: dict[str, TensorMeta], problems: list[str]):
+    indices = sorted(slot)
+    keys = [slot[e] for e in indices]
+    label = re.sub(r"\.experts\.\d+\.", f".experts.{{0..{len(keys) - 1}}}.", keys[0], count=1)
+    if indices != list(range(len(indices))):
+        missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+        problems.append(f"{label}: experts {missing} missing (found {len(indices)} keys, highest index {indices[-1]})")
+        return None
+    first = meta[keys[0]]
+    for key in keys[1:]:
+        if meta[key] != first:
+            problems.append(f"{key}: {list(meta[key].shape)} {meta[key].dtype}, but {keys[0]} is {list(first.shape)} {first.dtype}")
+            return None
+    if len(first.shape) != 2:
+        problems.append(f"{keys[0]}: expected a 2D per-expert tensor, found shape {list(first.shape)}")
+        return None
+    return Source(tuple(keys), label, stacked=True), TensorMeta((len(keys), *first.shape), first.dtype)
+
+
+def _fused_sources(slots, meta, module: str, problems: list[str]) -> dict[str, tuple[Source, TensorMeta]]:
+    """Gate and up factors from one `gate_up_proj` pair.
+
+    B is [E, 2I, r] (gate rows first, as in the base weight). A is either [1|E, 2r, H] (gate A and
+    up A concatenated along the rank, SGLang's fused form) or [1|E, r, H] (one A that gate and up
+    share, PEFT's LoRA on the fused parameter; SGLang repeats it along the rank).
+    """
+    keys = {ab: slots.get((FUSED, ab), {}).get(None) for ab in "AB"}
+    if None in keys.values():
+        problems.append(f"{module}: missing {' and '.join(f'{FUSED}.lora_{ab}.weight' for ab, k in keys.items() if k is None)}")
+        return {}
+    a, b = meta[keys["A"]], meta[keys["B"]]
+    if len(a.shape) != 3 or len(b.shape) != 3 or b.shape[1] % 2:
+        problems.append(
+            f"{keys['A']} {list(a.shape)} / {keys['B']} {list(b.shape)}: expected 3D A [1|E, r or 2r, H] and B [E, 2I, r]"
+        )
+        return {}
+    rank, inter = b.shape[2], b.shape[1] // 2
+
+    def part(key: str, info: TensorMeta, rows: Optional[tuple[int, int]]) -> tuple[Source, TensorMeta]:
+        if rows is None:
+            return Source((key,), key), info
+        shape = (info.shape[0], rows[1] - rows[0], info.shape[2])
+        return Source((key,), f"{key}[:, {rows[0]}:{rows[1]}]", rows=rows), TensorMeta(shape, info.dtype)
+
+    if a.shape[1] == rank:
+        gate_a = up_a = part(keys["A"], a, None)
+    elif a.shape[1] == 2 * rank:
+        gate_a, up_a = part(keys["A"], a, (0, rank)), part(keys["A"], a, (rank, 2 * rank))
+    else:
+        problems.append(f"{keys['A']}: dim 1 is {a.shape[1]}; expected r={rank} or 2r={2 * rank} (r = dim 2 of {keys['B']})")
+        return {}
+    return {
+        "w1.lora_A": gate_a,
+        "w1.lora_B": part(keys["B"], b, (0, inter)),
+        "w3.lora_A": up_a,
+        "w3.lora_B": part(keys["B"], b, (inter, 2 * inter)),
+    }
+
+
+def _module_factors(module: str, entry: _Module, layout: str, meta, problems: list[str]) -> list[Factor]:
+    """The canonical factors of one module, in write order; what is missing goes to `problems`."""
+    sources: dict[str, tuple[Source, TensorMeta]] = {}
+    if entry.kind == "linear":
+        names = direct = ("lora_A", "lora_B")
+    elif layout == "fused":  # gate and up come from the fused pair, down is read as written
+        names, direct = EXPERT_FACTORS, ("w2.lora_A", "w2.lora_B")
+        sources.update(_fused_sources(entry.keys, meta, module, problems))
+    else:
+        names = direct = EXPERT_FACTORS
+    per_expert = entry.kind == "experts" and layout in PER_EXPERT_LAYOUTS
+    for name in direct:
+        ab = name[-1]
+        written = _written_proj(layout, name.split(".")[0]) if entry.kind == "experts" else ""
+        slot = entry.keys.get((written, ab))
+        if slot is None:
+            stem = f"{module}{'.{e}' if per_expert else ''}{'.' + written if written else ''}"
+            problems.append(f"{module}: missing {PREFIX}{stem}.lora_{ab}.weight")
+        elif per_expert:
+            found = _stacked_source(slot, meta, problems)
+            if found:
+                sources[name] = found
+        else:
+            sources[name] = Source((slot[None],), slot[None]), meta[slot[None]]
+    num_experts = 0
+    if entry.kind == "experts":  # E from gate B [E, I, r]; a malformed one is reported by the shape check
+        gate_b = sources.get("w1.lora_B")
+        num_experts = gate_b[1].shape[0] if gate_b and len(gate_b[1].shape) == 3 else 1
+    return [Factor(module, name, *sources[name], num_experts) for name in names if name in sources]
+
+
+def native_targets(factors: list[Factor]) -> list[str]:
+    """Target names for the native config: 'experts' and the leaf names of the adapted linears."""
+    linear = sorted({f.module.rsplit(".", 1)[-1] for f in factors if not f.is_expert})
+    return (["experts"] if any(f.is_expert for f in factors) else []) + linear
+
+
+def layer_groups(factors: list[Factor]) -> Iterator[list[Factor]]:
+    """Consecutive factors grouped by layer (by module outside layers): the unit of one open file."""
+    group: list[Factor] = []
+    for factor in factors:
+        if group and _group_id(group[0].module) != _group_id(factor.module):
+            yield group
+            group = []
+        group.append(factor)
+    if group:
+        yield group
+
+
+def _group_id(module: str):
+    layer = layer_index(module)
+    return module if layer is None else layer
+
+
+def read_factors(meta: dict[str, TensorMeta], where: str) -> tuple[str, list[Factor]]:
+    """The adapter's layout and its canonical factors in write order (layer by layer, modules sorted);
+    unknown keys, mixed layouts and incomplete modules raise, listing every problem."""
+    if not meta:
+        raise AdapterFormatError(f"{where}: the adapter holds no tensors")
+    modules, layout = _scan(meta, where)
+    problems: list[str] = []
+    factors = [f for name, entry in modules.items() for f in _module_factors(name, entry, layout, meta, problems)]
+    raise_problems(f"{where}: incomplete or inconsistent adapter", problems)
+    return layout, sorted(factors, key=lambda f: natural_key(f.module))
