@@ -1,4 +1,4 @@
-"""Independent references written from the formula of REFERENCE §3, in float64, for the tests only.
+"""Independent references written from the formula of docs/MATH.md, in float64, for the tests only.
 
 Nothing here imports the library: a bug in the library cannot hide in its own reference.
 """

@@ -42,7 +42,7 @@ FORMATS = ("native", "sglang", "tinker", "vllm")
 EXPORT_FORMATS = ("sglang", "tinker", "vllm")
 SHARD_INFO_NAME = "tp_shard.json"
 
-# TP slicing (REFERENCE §3, as SGLang and vLLM load it): the dim of each factor a rank holds a
+# TP slicing (docs/MATH.md, as SGLang and vLLM load it): the dim of each factor a rank holds a
 # slice of; every other factor is replicated. Experts: gate B and up B along I (matching the base
 # weight's packed_colwise split), down A along I. Linears: column-parallel ones split B along the
 # output, row-parallel ones split A along the input.

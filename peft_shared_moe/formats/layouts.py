@@ -1,7 +1,7 @@
 """Recognising adapter layouts: from the safetensors header alone, every accepted input becomes a
 list of canonical `Factor`s.
 
-A factor is one tensor of the native layout (REFERENCE §3: `w1.lora_A` ... for an experts block,
+A factor is one tensor of the native layout (`peft_shared_moe/factors.py`: `w1.lora_A` ... for an experts block,
 `lora_A` / `lora_B` for a linear) with the place its data lives in the source: a 3D tensor, a row
 range of a fused gate_up tensor, or one 2D tensor per expert. `plan.py` validates the factors and
 decides sharing; writers stream them.

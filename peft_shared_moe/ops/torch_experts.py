@@ -1,6 +1,6 @@
 """The torch experts path: base experts and shared-outer / per-expert LoRA in one pass, with autograd.
 
-One function, `experts_forward`, holds the math of REFERENCE §3 over token-expert pairs sorted by
+One function, `experts_forward`, holds the math of docs/MATH.md over token-expert pairs sorted by
 expert. The per-expert matrix products go through a `GroupedLinear` so the same math runs on
 torch's `grouped_mm` (fast, bf16/fp16/fp32) or on an exact per-expert loop (any dtype, float64
 included). Shared factors are never expanded per expert or per pair:
