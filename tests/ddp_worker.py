@@ -3,6 +3,7 @@ the gloo backend; saves the warnings it saw and its all-reduced gradients."""
 
 from __future__ import annotations
 
+import faulthandler
 import sys
 import warnings
 from datetime import timedelta
@@ -16,6 +17,7 @@ from tests.conftest import input_ids, load
 
 
 def main(base_path: str, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang prints where it is and fails the test
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))  # a stuck collective fails, never hangs
     rank = dist.get_rank()
     try:

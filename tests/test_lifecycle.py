@@ -162,6 +162,28 @@ def test_transformers_native_loading_equals_peft(qwen3_path, saved):
     assert torch.equal(logits(auto), want)
 
 
+@pytest.mark.parametrize("key", ["base_model.model.lm_head.weight", "base_model.model.model.norm.weight"])
+def test_transformers_native_loading_refuses_a_base_key(qwen3_path, saved, key):
+    """transformers would load any key naming a model parameter over the base weights."""
+    adapter_dir, _ = saved
+    _add_key(adapter_dir, key, torch.full((64, 32) if "lm_head" in key else (32,), 7.0))
+    base = load(qwen3_path)
+    before = snapshot(base)
+    with pytest.raises(ValueError, match="not LoRA factors") as info:
+        base.load_adapter(str(adapter_dir))
+    assert key in str(info.value)
+    assert_unchanged(base, before)
+    with pytest.raises(ValueError, match="not LoRA factors"):
+        AutoModelForCausalLM.from_pretrained(str(adapter_dir), local_files_only=True)
+    state = load_file(adapter_dir / "adapter_model.safetensors")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="not LoRA factors"):
+        base.load_adapter(adapter_state_dict=state, peft_config=SharedMoeLoraConfig(**{
+            k: v for k, v in config.items() if k in ("r", "lora_alpha", "target_modules", "shared_outer")
+        }))
+    assert_unchanged(base, before)
+
+
 def test_peft_type_is_enum_like(saved):
     from peft import PeftConfig
 
@@ -316,7 +338,7 @@ def test_ddp_on_two_cpu_processes_without_stride_warnings(qwen3_path, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(root / "tests" / "ddp_worker.py"), qwen3_path, str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in ranks:
