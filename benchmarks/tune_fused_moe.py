@@ -19,7 +19,7 @@ from benchmarks.common import card_name, time_ms  # noqa: E402
 from benchmarks.moe_layer import E, H, I, R, make_experts, make_lora, routing  # noqa: E402
 from peft_shared_moe.ops.block_routing import align_pairs_to_blocks  # noqa: E402
 from peft_shared_moe.ops.kernel_configs import CONFIG_FILE, KernelConfig  # noqa: E402
-from peft_shared_moe.ops.triton_experts import _launch, pack_lora  # noqa: E402
+from peft_shared_moe.ops.triton_experts import _launch, dot_precision, pack_lora  # noqa: E402
 
 # (block_m, block_n, block_k, num_warps, num_stages)
 CANDIDATES = {
@@ -40,13 +40,19 @@ def time_kernel(kernel: str, config: KernelConfig, x, idx, w, experts, packed) -
     if kernel == "gate_up":
         a = x @ packed.gate_up_A[0].T
         h = torch.empty(num_pairs, I, dtype=x.dtype, device="cuda")
-        expand = (a, packed.gate_up_B, idx.shape[1], 1.0)
-        run = lambda: _launch(x, experts.gate_up_proj, h, block, config, x_row_div=idx.shape[1], gated=True, expand=expand)  # noqa: E731
+        expand = (a, packed.gate_B, idx.shape[1], 1.0)
+        run = lambda: _launch(  # noqa: E731
+            x, experts.gate_up_proj, h, block, config, x_row_div=idx.shape[1], precision=dot_precision(x.dtype),
+            gated=True, expand=expand, expand_up_b=packed.up_B,
+        )
     else:
         h = torch.randn(num_pairs, I, dtype=x.dtype, device="cuda")
         out = torch.empty(num_pairs, H, dtype=x.dtype, device="cuda")
         shrink = (packed.down_A, torch.empty(num_pairs, R, dtype=torch.float32, device="cuda"))
-        run = lambda: _launch(h, experts.down_proj, out, block, config, x_row_div=1, shrink=shrink, pair_weights=pair_weights)  # noqa: E731
+        run = lambda: _launch(  # noqa: E731
+            h, experts.down_proj, out, block, config, x_row_div=1, precision=dot_precision(x.dtype), shrink=shrink,
+            pair_weights=pair_weights,
+        )
     run()
     return time_ms(run)
 

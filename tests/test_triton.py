@@ -55,6 +55,17 @@ def test_kernels_match_naive_loop(dtype, shared, T, k, experts_used):
     assert rel_err(run_triton(x, idx, w, gate_up, down, None, 0.5), base) < TOL[dtype]
 
 
+def test_gate_and_up_B_with_different_strides():
+    """The kernel reads gate B and up B in place through one set of strides; an up B laid out
+    otherwise (here column-major per expert) must still give the right values."""
+    x, idx, w, gate_up, down, factors = make_problem(11, 2, True, torch.float32, seed=5)
+    want = naive_moe_lora(x, idx, w, gate_up, down, factors, 0.5)
+    up_B = factors["w3.lora_B"]
+    factors["w3.lora_B"] = up_B.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    assert factors["w3.lora_B"].stride() != factors["w1.lora_B"].stride()
+    assert rel_err(run_triton(x, idx, w, gate_up, down, factors, 0.5), want) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("rank", [8, 16, 32, 64])
 @pytest.mark.parametrize("shared", [True, False])
 def test_kernels_every_rank(rank, shared):
@@ -403,8 +414,8 @@ def test_custom_op_passes_opcheck_and_matches_float64_reference(shared):
     lora = as_lora(factors, 0.5)
     p = pack_lora(lora, x.dtype)
     cases = {
-        "lora": ((p.gate_up_A, p.gate_up_B, p.down_A, p.down_B, 0.5), factors),
-        "base": ((None, None, None, None, 0.0), None),
+        "lora": ((p.gate_up_A, p.gate_B, p.up_B, p.down_A, p.down_B, 0.5), factors),
+        "base": ((None, None, None, None, None, 0.0), None),
     }
     for name, (lora_args, ref_factors) in cases.items():
         args = tuple(t.to(DEVICE) for t in (x, idx, w, gate_up, down)) + tuple(

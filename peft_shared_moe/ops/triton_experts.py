@@ -45,7 +45,8 @@ def _grouped_gemm_kernel(
     w_ptr,  # (E, N_w, K) expert weights
     out_ptr,  # (S, N) output rows, indexed by pair id
     lora_in_ptr,  # (rows, R or 2R) rank-r activations; row of pair p is p // LORA_ROW_DIV
-    lora_b_ptr,  # (E, N_w, R) expansion factor
+    lora_b_ptr,  # (E, N_w, R) expansion factor (the gate half's when GATED)
+    lora_b_up_ptr,  # (E, N, R) the up half's expansion factor when GATED, with lora_b's strides
     shrink_w_ptr,  # (E, R, K) fused shrink factor
     shrink_out_ptr,  # (S, R)
     pair_weight_ptr,  # (S,) routing weight of each pair
@@ -143,7 +144,8 @@ def _grouped_gemm_kernel(
             acc += scaling * tl.dot(la, lb.to(la.dtype), input_precision=DOT_PRECISION)
             if GATED:
                 la_up = tl.load(l_ptrs + R * stride_lk, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-                lb_up = tl.load(b_ptrs + N * stride_bn, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                b_up_ptrs = lora_b_up_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
+                lb_up = tl.load(b_up_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 acc_up += scaling * tl.dot(la_up, lb_up.to(la_up.dtype), input_precision=DOT_PRECISION)
 
         if GATED:
@@ -168,14 +170,16 @@ def _launch(
     precision: str,
     gated: bool = False,
     expand: Optional[tuple[torch.Tensor, torch.Tensor, int, float]] = None,
+    expand_up_b: Optional[torch.Tensor] = None,
     shrink: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     pair_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One grouped GEMM over the expert blocks; see `_grouped_gemm_kernel` for the fused extras.
 
-    expand = (lora_in, lora_b, lora_row_div, scaling); shrink = (shrink_w, shrink_out); precision is
-    the `tl.dot` input precision (`dot_precision`). Factor tiles are cast to the activation dtype as
-    they are loaded, so factors may be passed in their own dtype.
+    expand = (lora_in, lora_b, lora_row_div, scaling); with `gated`, lora_b is the gate half's factor
+    and `expand_up_b` the up half's (two tensors, so nothing is concatenated per call); shrink =
+    (shrink_w, shrink_out); precision is the `tl.dot` input precision (`dot_precision`). Factor tiles
+    are cast to the activation dtype as they are loaded, so factors may be passed in their own dtype.
     """
     num_experts, n_w, k = weight.shape
     n = n_w // 2 if gated else n_w
@@ -187,6 +191,9 @@ def _launch(
     shrink_w, shrink_out = shrink if shrink is not None else (weight, out)
     if expand is not None:
         rank = lora_b.shape[-1]
+        if gated and (expand_up_b is None or expand_up_b.shape != lora_b.shape or expand_up_b.stride() != lora_b.stride()):
+            raise ValueError(f"gated expansion needs an up factor shaped and strided like {tuple(lora_b.shape)}")
+    lora_b_up = expand_up_b if expand_up_b is not None else lora_b
     if shrink is not None:
         rank = shrink_w.shape[1]
     block_r = max(16, triton.next_power_of_2(max(rank, 1)))
@@ -196,7 +203,7 @@ def _launch(
     while True:
         try:
             _grouped_gemm_kernel[grid](
-                x, weight, out, lora_in, lora_b, shrink_w, shrink_out,
+                x, weight, out, lora_in, lora_b, lora_b_up, shrink_w, shrink_out,
                 pair_weights if pair_weights is not None else out,
                 routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
                 n, k, rank, routing.num_pairs, float(scaling),
@@ -350,14 +357,16 @@ def triton_unless_routing_grad(
 
 @dataclass(frozen=True)
 class PackedExpertLora:
-    """An adapter's factors as the kernels read them: gate and up stacked along the rank / rows.
+    """An adapter's factors as the kernels read them: gate and up A stacked along the rank.
 
     Only what a torch matmul reads is in the activation dtype (gate_up_A, and a shared down_B); the
-    kernels cast the other factors tile by tile as they load them.
+    kernels cast the other factors tile by tile as they load them, and read gate B and up B through
+    two pointers, so the largest factors are used in place.
     """
 
     gate_up_A: torch.Tensor  # (1|E, 2r, H), activation dtype
-    gate_up_B: torch.Tensor  # (E, 2I, r)
+    gate_B: torch.Tensor  # (E, I, r)
+    up_B: torch.Tensor  # (E, I, r), strided like gate_B
     down_A: torch.Tensor  # (E, r, I)
     down_B: torch.Tensor  # (1|E, H, r), activation dtype if shared
     scaling: float
@@ -371,20 +380,28 @@ def _stack(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat(parts, dim=1, out=torch.empty(shape, dtype=dtype, device=parts[0].device))
 
 
+def _like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`tensor` with `reference`'s strides (the kernel reads both through one set), copying only if needed."""
+    if tensor.stride() == reference.stride():
+        return tensor
+    return torch.empty_strided(reference.shape, reference.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
+
+
 def pack_lora(lora: ExpertLoraFactors, dtype: torch.dtype) -> PackedExpertLora:
     """The factors in the kernels' layout, built on every call from the factors as they are now.
 
     No cache across calls, so stale factors cannot be served: a cache keyed on data pointers and
     version counters misses in-place edits through `.data` (they bump no version), and nothing
-    cheaper than the packing itself proves a cached copy current. The cost per call is one cat for
-    gate/up A (CUDA: one kernel, or one copy per part when it casts), one for gate/up B (in the
-    factors' dtype), and one cast of a shared B_down whose dtype differs from the activations';
-    down_A and a per-expert B_down are read as they are.
+    cheaper than the packing itself proves a cached copy current. What is packed is small: one cat
+    of gate/up A (CUDA: one kernel, or one copy per part when it casts) and one cast of a shared
+    B_down whose dtype differs from the activations'. Gate B, up B, down A and a per-expert B_down,
+    the large factors, are read in place.
     """
     down_B = lora["w2.lora_B"]
     return PackedExpertLora(
         gate_up_A=_stack([lora["w1.lora_A"], lora["w3.lora_A"]], dtype),
-        gate_up_B=torch.cat([lora["w1.lora_B"], lora["w3.lora_B"]], dim=1),
+        gate_B=lora["w1.lora_B"],
+        up_B=_like(lora["w3.lora_B"], lora["w1.lora_B"]),
         down_A=lora["w2.lora_A"],
         down_B=down_B.to(dtype) if is_shared(down_B) else down_B,
         scaling=lora.scaling,
@@ -415,7 +432,7 @@ def triton_experts_forward(
         return _fused_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, p)
     return fused_experts(
         hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj,
-        *((p.gate_up_A, p.gate_up_B, p.down_A, p.down_B) if p is not None else (None,) * 4),
+        *((p.gate_up_A, p.gate_B, p.up_B, p.down_A, p.down_B) if p is not None else (None,) * 5),
         p.scaling if p is not None else 0.0,
     )
 
@@ -428,7 +445,8 @@ def fused_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     gate_up_A: Optional[torch.Tensor],
-    gate_up_B: Optional[torch.Tensor],
+    gate_B: Optional[torch.Tensor],
+    up_B: Optional[torch.Tensor],
     down_A: Optional[torch.Tensor],
     down_B: Optional[torch.Tensor],
     scaling: float,
@@ -436,7 +454,7 @@ def fused_experts(
     """The whole layer as one opaque op, so torch.compile and CUDA graphs treat it as a unit."""
     packed = None
     if gate_up_A is not None:
-        packed = PackedExpertLora(gate_up_A, gate_up_B, down_A, down_B, scaling)
+        packed = PackedExpertLora(gate_up_A, gate_B, up_B, down_A, down_B, scaling)
     return _fused_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, packed)
 
 
@@ -478,13 +496,14 @@ def _fused_experts(
         if packed is not None:
             if is_shared(packed.gate_up_A):
                 a = x @ packed.gate_up_A[0].T  # (T, 2r): shared A once per token
-                expand = (a, packed.gate_up_B, top_k, packed.scaling)
+                expand = (a, packed.gate_B, top_k, packed.scaling)
             else:
                 a = torch.empty(num_pairs, packed.gate_up_A.shape[1], dtype=dtype, device=x.device)
                 _launch(x, packed.gate_up_A, a, routing_up, config_up, x_row_div=top_k, precision=precision)  # (S, 2r)
-                expand = (a, packed.gate_up_B, 1, packed.scaling)
+                expand = (a, packed.gate_B, 1, packed.scaling)
         _launch(
-            x, gate_up_proj, h, routing_up, config_up, x_row_div=top_k, precision=precision, gated=True, expand=expand
+            x, gate_up_proj, h, routing_up, config_up, x_row_div=top_k, precision=precision, gated=True,
+            expand=expand, expand_up_b=packed.up_B if packed is not None else None,
         )
 
         rank_out = packed.down_B.shape[-1] if packed is not None and is_shared(packed.down_B) else 0
