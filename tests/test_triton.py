@@ -236,15 +236,14 @@ def test_triton_refuses_autograd_and_auto_falls_back(needs_grad, auto_on_cpu):
     args = (x, idx, w, gate_up, down, F.silu)
     with pytest.raises(TritonBackendError, match=f"autograd.*{needs_grad}.*no backward"):
         triton_forward(*args, lora=lora)
-    if needs_grad != "top_k_weights":  # resolve_backend does not see the routing weights
-        with pytest.raises(TritonBackendError, match="autograd"):
-            resolve_backend("triton", x, LAYOUT, lora, (gate_up, down))
-    out = resolve_backend("auto", x, LAYOUT, lora, (gate_up, down))(*args, lora=lora)
+    with pytest.raises(TritonBackendError, match="autograd"):
+        resolve_backend("triton", x, w, LAYOUT, lora, (gate_up, down))
+    out = resolve_backend("auto", x, w, LAYOUT, lora, (gate_up, down))(*args, lora=lora)
     assert auto_on_cpu == []  # the torch path ran, with autograd
     assert out.requires_grad
     with torch.no_grad():  # inference of the same tensors is what the kernels are for
         assert rel_err(triton_forward(*args, lora=lora), out.detach()) < TOL[torch.float32]
-        resolve_backend("auto", x, LAYOUT, lora, (gate_up, down))(*args, lora=lora)
+        resolve_backend("auto", x, w, LAYOUT, lora, (gate_up, down))(*args, lora=lora)
     assert auto_on_cpu == [1]
 
 
@@ -255,8 +254,8 @@ def test_triton_refuses_other_gates_and_layouts(auto_on_cpu):
             triton_forward(x, idx, w, gate_up, down, F.gelu, lora=lora)
         for layout in [ExpertsLayout(E, 32, 16, silu_gate=False), ExpertsLayout(E, 32, 16, has_bias=True)]:
             with pytest.raises(TritonBackendError, match="SiLU gate"):
-                resolve_backend("triton", x, layout, lora, (gate_up, down))
-            assert resolve_backend("auto", x, layout, lora, (gate_up, down)) is EXPERTS_BACKENDS["torch"]
+                resolve_backend("triton", x, w, layout, lora, (gate_up, down))
+            assert resolve_backend("auto", x, w, layout, lora, (gate_up, down)) is EXPERTS_BACKENDS["torch"]
 
 
 def test_triton_layer_with_gelu_experts_is_refused_and_auto_is_exact(tmp_path, auto_on_cpu):
@@ -285,8 +284,8 @@ def test_triton_refuses_cpu_without_interpreter(monkeypatch):
         with pytest.raises(TritonBackendError, match="need a CUDA device"):
             triton_forward(x, idx, w, gate_up, down, F.silu, lora=lora)
         with pytest.raises(TritonBackendError, match="need a CUDA device"):
-            resolve_backend("triton", x, LAYOUT, lora, (gate_up, down))
-        assert resolve_backend("auto", x, LAYOUT, lora, (gate_up, down)) is EXPERTS_BACKENDS["torch"]
+            resolve_backend("triton", x, w, LAYOUT, lora, (gate_up, down))
+        assert resolve_backend("auto", x, w, LAYOUT, lora, (gate_up, down)) is EXPERTS_BACKENDS["torch"]
 
 
 def test_triton_refuses_dtypes_the_torch_path_computes_differently():
@@ -305,8 +304,8 @@ def test_triton_refuses_when_triton_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     x, idx, w, gate_up, down, lora = small_problem()
     with pytest.raises(TritonBackendError, match="triton does not import.*install triton"):
-        resolve_backend("triton", x, LAYOUT, lora, (gate_up, down))
-    assert resolve_backend("auto", x, LAYOUT, lora, (gate_up, down)) is EXPERTS_BACKENDS["torch"]
+        resolve_backend("triton", x, w, LAYOUT, lora, (gate_up, down))
+    assert resolve_backend("auto", x, w, LAYOUT, lora, (gate_up, down)) is EXPERTS_BACKENDS["torch"]
 
 
 def test_triton_layer_in_training_is_refused_and_auto_trains_every_factor(qwen3_path, auto_on_cpu):

@@ -4,11 +4,9 @@
 (minus `linear`): "torch" (grouped GEMMs, autograd), "loop" (exact per-expert loop), and "triton"
 (fused inference kernels) where triton imports. `resolve_backend("auto", ...)` picks per call.
 
-Two call contracts (`run_experts` makes the call):
-- every backend: `fn(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn, lora=lora)`
-  for the layouts the fused kernels implement (`ExpertsLayout.fused_kernels_ok`);
-- backends marked `honours_layout` (the torch ones) also get `layout=`, `apply_gate=` (the block's
-  own gate), `gate_up_bias=`, `down_bias=`, and run every layout `describe_experts` accepts.
+Every backend takes `fn(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn, lora=,
+layout=, apply_gate=, gate_up_bias=, down_bias=)` (`run_experts` makes the call): the torch ones run
+every layout `describe_experts` accepts, the Triton one refuses what its kernels do not implement.
 """
 
 from __future__ import annotations
@@ -29,8 +27,6 @@ EXPERTS_BACKENDS: dict[str, ExpertsBackend] = {
     "torch": partial(experts_forward, linear=grouped_mm_linear),
     "loop": partial(experts_forward, linear=loop_grouped_linear),
 }
-for _fn in EXPERTS_BACKENDS.values():
-    _fn.honours_layout = True  # type: ignore[attr-defined]
 
 try:
     from .triton_experts import triton_experts_forward
@@ -43,16 +39,20 @@ except ImportError:  # triton is optional at run time; the torch paths cover eve
 def resolve_backend(
     name: str,
     hidden_states: torch.Tensor,
+    top_k_weights: torch.Tensor,
     layout: ExpertsLayout,
     lora: Optional[ExpertLoraFactors] = None,
     weights: tuple[torch.Tensor, ...] = (),
 ) -> ExpertsBackend:
     """The backend function for a config's `backend` on this call; `weights` are (gate_up_proj, down_proj).
 
+    It sees every tensor of the call (a trainable router makes `top_k_weights` need a gradient).
+
     "triton" raises `TritonBackendError` wherever the kernels would not compute the exact result
     (autograd needed, a layout or gate they do not implement, no CUDA device, triton missing, ...):
     computing something else silently is never an option. "auto" runs the kernels for CUDA
-    inference where none of these holds, and the exact torch path otherwise.
+    inference where none of these holds, and the exact torch path otherwise. The kernels' checks run
+    here once; the function returned for them does not repeat them.
     """
     from .triton_support import TritonBackendError
 
@@ -67,14 +67,11 @@ def resolve_backend(
     if name in ("auto", "triton") and "triton" in EXPERTS_BACKENDS:
         from . import triton_experts
 
-        reasons = triton_experts.triton_refusals(hidden_states, weights, lora, layout=layout)
-        if name == "triton":
-            if reasons:
-                raise TritonBackendError.from_reasons(reasons)
-        elif not reasons and hidden_states.device.type in triton_experts.AUTO_DEVICE_TYPES:
-            return partial(
-                triton_experts.triton_unless_routing_grad, EXPERTS_BACKENDS["triton"], EXPERTS_BACKENDS["torch"]
-            )
+        reasons = triton_experts.triton_refusals(hidden_states, weights, lora, top_k_weights=top_k_weights, layout=layout)
+        if name == "triton" and reasons:
+            raise TritonBackendError.from_reasons(reasons)
+        if name == "triton" or (not reasons and hidden_states.device.type in triton_experts.AUTO_DEVICE_TYPES):
+            return partial(EXPERTS_BACKENDS["triton"], refusals_checked=True)
     if name == "auto":
         name = "torch"
     try:
@@ -92,29 +89,39 @@ def run_experts(
     lora: Optional[ExpertLoraFactors] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """One experts block's forward (base experts plus an optional adapter) on the chosen backend.
-
-    Layout-aware backends get the block's storage flags, its own gate function and its biases; any
-    other backend (the Triton kernels) is called only for the layout it implements, and asking for
-    it on another layout is an error rather than a different computation.
-    """
+    """One experts block's forward (base experts plus an optional adapter) on the chosen backend,
+    given the block's storage flags, its own gate function and its biases."""
     weights = (experts.gate_up_proj, experts.down_proj)
     biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if layout.has_bias else (None, None)
-    fn = resolve_backend(backend, hidden_states, layout, lora, weights)
-    act_fn = getattr(experts, "act_fn", None)
-    if getattr(fn, "honours_layout", False):
-        return fn(
-            hidden_states, top_k_index, top_k_weights, *weights, act_fn, lora=lora,
-            layout=layout, apply_gate=gate_function(experts), gate_up_bias=biases[0], down_bias=biases[1],
-        )
-    return fn(hidden_states, top_k_index, top_k_weights, *weights, act_fn, lora=lora)
+    fn = resolve_backend(backend, hidden_states, top_k_weights, layout, lora, weights)
+    return fn(
+        hidden_states, top_k_index, top_k_weights, *weights, getattr(experts, "act_fn", None), lora=lora,
+        layout=layout, apply_gate=gate_function(experts), gate_up_bias=biases[0], down_bias=biases[1],
+    )
 
 
 def transformers_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """A base-only experts implementation for transformers' `ExpertsInterface`."""
-    return run_experts(self, describe_experts(self), hidden_states, top_k_index, top_k_weights)
+    return run_experts(self, _cached_layout(self), hidden_states, top_k_index, top_k_weights)
+
+
+def _cached_layout(experts: nn.Module) -> ExpertsLayout:
+    # describe_experts reads flags, shapes and the forward's signature: once per block, not per call
+    # (the adapter layer keeps its own); redone only if the weights' shapes change.
+    shapes = (experts.gate_up_proj.shape, experts.down_proj.shape)
+    cached = experts.__dict__.get("_shared_moe_layout")
+    if cached is None or cached[0] != shapes:
+        layout = describe_experts(experts)  # raises for a block it recognises but cannot run exactly
+        if layout is None:
+            raise UnsupportedExpertsError(
+                f"{type(experts).__name__} is not a fused experts block with gate_up_proj and down_proj: "
+                f"experts_implementation='peft_shared_moe' cannot run it"
+            )
+        cached = (shapes, layout)
+        experts.__dict__["_shared_moe_layout"] = cached
+    return cached[1]
 
 
 def register_transformers_experts_implementation(name: str = "peft_shared_moe") -> None:

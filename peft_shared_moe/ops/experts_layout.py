@@ -80,6 +80,16 @@ def _has_own_gate(module: nn.Module) -> bool:
     return gate is not None and gate is not _default_gate_fn()
 
 
+def default_gate(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' default gate on [gate; up] columns: act_fn(gate) * up."""
+
+    def gate(gate_up: torch.Tensor) -> torch.Tensor:
+        g, u = gate_up.chunk(2, dim=-1)
+        return act_fn(g) * u
+
+    return gate
+
+
 def gate_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The block's own gate on a (S, 2I) gate_up tensor in its column order -> (S, I).
 
@@ -89,12 +99,7 @@ def gate_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """
     if hasattr(module, "_apply_gate"):
         return module._apply_gate
-
-    def default_gate(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return module.act_fn(gate) * up
-
-    return default_gate
+    return default_gate(module.act_fn)
 
 
 def _is_3d(t: object) -> bool:

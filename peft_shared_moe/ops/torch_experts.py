@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..factors import EXPERT_FACTORS
-from .experts_layout import ExpertsLayout
+from .experts_layout import ExpertsLayout, default_gate
 from .routing import ExpertRouting, sort_pairs_by_expert
 
 
@@ -111,14 +111,6 @@ def _per_token_lora_input(hidden: torch.Tensor, A: torch.Tensor) -> torch.Tensor
     return F.linear(hidden.to(A.dtype), A[0])
 
 
-def _default_gate(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def gate(gate_up: torch.Tensor) -> torch.Tensor:
-        g, u = gate_up.chunk(2, dim=-1)
-        return act_fn(g) * u
-
-    return gate
-
-
 def experts_forward(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -149,7 +141,7 @@ def experts_forward(
     gate_up_w = gate_up_proj.transpose(1, 2) if transposed else gate_up_proj  # (E, 2I, H)
     down_w = down_proj.transpose(1, 2) if transposed else down_proj  # (E, H, I)
     if apply_gate is None:
-        apply_gate = _default_gate(act_fn)
+        apply_gate = default_gate(act_fn)
     num_experts = gate_up_w.shape[0]
     routing = sort_pairs_by_expert(top_k_index, top_k_weights, num_experts)
     base_dtype = gate_up_w.dtype

@@ -336,25 +336,6 @@ def triton_refusals(
     return reasons
 
 
-def triton_unless_routing_grad(
-    triton_forward: Callable[..., torch.Tensor],
-    torch_forward: Callable[..., torch.Tensor],
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    *args,
-    **kwargs,
-) -> torch.Tensor:
-    """`backend="auto"` once `resolve_backend` saw no reason against the kernels.
-
-    The routing weights, which `resolve_backend` does not see, decide last: a trainable router
-    needs their gradient, so the torch path runs then.
-    """
-    needs_grad = torch.is_grad_enabled() and top_k_weights.requires_grad
-    forward = torch_forward if needs_grad else triton_forward
-    return forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-
-
 @dataclass(frozen=True)
 class PackedExpertLora:
     """An adapter's factors as the kernels read them: gate and up A stacked along the rank.
@@ -416,17 +397,30 @@ def triton_experts_forward(
     down_proj: torch.Tensor,
     act_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     lora: Optional[ExpertLoraFactors] = None,
+    *,
+    layout: Optional[ExpertsLayout] = None,
+    apply_gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    gate_up_bias: Optional[torch.Tensor] = None,
+    down_bias: Optional[torch.Tensor] = None,
+    refusals_checked: bool = False,
 ) -> torch.Tensor:
-    """Same contract as `torch_experts.experts_forward` for SiLU experts (act_fn None means SiLU), inference only.
+    """Same contract as `torch_experts.experts_forward` (act_fn None means SiLU), inference only.
 
-    Raises `TritonBackendError` where the kernels would not compute exactly that (`triton_refusals`).
+    Raises `TritonBackendError` where the kernels would not compute exactly that (`triton_refusals`),
+    unless the caller has just checked (`resolve_backend`). `apply_gate` is the block's own gate: a
+    `layout` that is `fused_kernels_ok` says it is the SiLU gate the kernels implement.
     The LoRA factors run in the activation dtype, packed on each call (`pack_lora`).
     """
-    reasons = triton_refusals(
-        hidden_states, (gate_up_proj, down_proj), lora, top_k_weights=top_k_weights, act_fn=act_fn
-    )
-    if reasons:
-        raise TritonBackendError.from_reasons(reasons)
+    if not refusals_checked:
+        reasons = triton_refusals(
+            hidden_states, (gate_up_proj, down_proj), lora, top_k_weights=top_k_weights, layout=layout, act_fn=act_fn
+        )
+        if gate_up_bias is not None or down_bias is not None:
+            reasons.append("the kernels add no expert biases: use backend='auto' or 'torch'")
+        if apply_gate is not None and layout is None:
+            reasons.append("a gate function without its layout cannot be checked against the kernels' SiLU gate")
+        if reasons:
+            raise TritonBackendError.from_reasons(reasons)
     p = pack_lora(lora, hidden_states.dtype) if lora is not None else None
     if not torch.compiler.is_compiling():  # eager and CUDA-graph capture: skip the op dispatcher's cost
         return _fused_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, p)
