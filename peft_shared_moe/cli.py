@@ -51,7 +51,7 @@ examples:
 exit codes: 0 success; 2 usage error or bad input (the message names the file, key, shape
 or path); 1 any other failure; 141 the reader of the output went away (a closed pipe).
 Writers never write into, over or inside an input (the adapter or the base model), with or
-without --force; a killed run leaves DIR's work in .DIR.peft-shared-moe-tmp-<pid>, which
+without --force; a killed run leaves DIR's work in .DIR.peft-shared-moe-tmp-<pid>-..., which
 the next run into DIR removes."""
 
 SHARED_CHOICES = {"auto": None, "yes": True, "no": False}

@@ -191,3 +191,13 @@ def test_a_replaced_output_left_by_a_killed_run_is_removed_only_when_the_destina
 
     export_adapter(shared_native.path, dst, overwrite=True, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["out"]  # DEST exists: the leftover is stale
+
+
+def test_a_leftover_used_as_the_input_is_not_removed_as_stale(shared_native, tmp_path):
+    """A killed run's complete output, copied out of its temp dir by name, may be the next input."""
+    leftover = tmp_path / f".out.peft-shared-moe-tmp-{_dead_pid()}"
+    shutil.copytree(shared_native.path, leftover)
+    before = {p.name: p.read_bytes() for p in leftover.iterdir()}
+    export_adapter(leftover, tmp_path / "out", progress=False)
+    assert {p.name: p.read_bytes() for p in leftover.iterdir()} == before
+    assert (tmp_path / "out" / CONFIG).is_file()

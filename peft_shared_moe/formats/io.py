@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -219,10 +221,10 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"safetensors file closed before {missing[0]} was written")
 
 
-# Work in progress beside a destination DEST is named `.DEST.peft-shared-moe-tmp-<pid>` (the output being
-# written) or `.DEST.peft-shared-moe-old-<pid>` (a replaced output, moved aside until the new one is in
-# place), so a run that was killed leaves something a person recognises, and the next run into DEST
-# removes it once its process is gone.
+# Work in progress beside a destination DEST is named `.DEST.peft-shared-moe-tmp-<pid>-<host>-<random>`
+# (the output being written) or `...-old-...` (a replaced output, moved aside until the new one is in
+# place), so a run that was killed leaves something a person recognises, and the next run into DEST on
+# the same host removes it once its process is gone.
 WORK_MARK = ".peft-shared-moe-"
 
 
@@ -286,13 +288,17 @@ def check_destination(dst: PathLike, overwrite: bool, inputs: Iterable[PathLike]
     return real
 
 
-def _work_path(dst: Path, kind: str, pid: int) -> Path:
-    return dst.with_name(f".{dst.name}{WORK_MARK}{kind}-{pid}")
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _work_path(dst: Path, kind: str) -> Path:
+    """`.DEST.peft-shared-moe-{tmp|old}-<pid>-<host>-<random>`: unique per call, and saying who made it."""
+    return dst.with_name(f".{dst.name}{WORK_MARK}{kind}-{os.getpid()}-{_HOST}-{secrets.token_hex(4)}")
 
 
 def _running(pid: int) -> bool:
     if pid == os.getpid():
-        return False  # ours is a leftover of an earlier process that had the same id
+        return True  # ours: possibly another thread's write in progress
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError, ValueError):
@@ -302,25 +308,30 @@ def _running(pid: int) -> bool:
     return True
 
 
-def remove_stale_work(dst: Path) -> list[Path]:
-    """Remove what killed runs left beside `dst` (see WORK_MARK); returns what was removed.
+def remove_stale_work(dst: Path, inputs: Iterable[PathLike] = ()) -> None:
+    """Remove what killed runs on this host left beside `dst` (see WORK_MARK).
 
-    A run still alive is left alone. A moved-aside old output is kept when `dst` itself is missing:
-    the run died between moving it aside and putting the new one in place, and it is the only copy.
+    Left alone: a run still alive, one from another host (its process cannot be checked from here),
+    anything that is, holds or lies inside one of this run's inputs (a user may have copied a
+    leftover to read from it), and a moved-aside old output while `dst` itself is missing (the run
+    died between moving it aside and putting the new one in place: it is the only copy).
     """
-    stale = re.compile(rf"^\.{re.escape(dst.name)}{re.escape(WORK_MARK)}(tmp|old)-(\d+)$")
-    removed = []
+    stale = re.compile(rf"^\.{re.escape(dst.name)}{re.escape(WORK_MARK)}(tmp|old)-(\d+)(?:-(.+)-[0-9a-f]{{8}})?$")
+    sources = [Path(os.path.realpath(p)) for given in inputs for p in _input_paths(given)]
     try:
         entries = list(dst.parent.iterdir())
     except OSError:
-        return removed
+        return
     for entry in entries:
         match = stale.match(entry.name)
-        if not match or _running(int(match.group(2))) or (match.group(1) == "old" and not os.path.lexists(dst)):
+        if not match or match.group(3) not in (None, _HOST) or _running(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not os.path.lexists(dst):
+            continue
+        real = Path(os.path.realpath(entry))
+        if any(_is_or_inside(real, source) or _is_or_inside(source, real) for source in sources):
             continue
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        removed.append(entry)
-    return removed
 
 
 @contextmanager
@@ -332,16 +343,16 @@ def atomic_directory(dst: PathLike, overwrite: bool = False, inputs: Iterable[Pa
     """
     inputs = list(inputs)
     dst = check_destination(dst, overwrite, inputs)
-    remove_stale_work(dst)
+    remove_stale_work(dst, inputs)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _work_path(dst, "tmp", os.getpid())
+    tmp = _work_path(dst, "tmp")
     tmp.mkdir()
     try:
         yield tmp
         check_destination(dst, overwrite, inputs)  # something may have appeared meanwhile
         old = None
         if os.path.lexists(dst):
-            old = _work_path(dst, "old", os.getpid())
+            old = _work_path(dst, "old")
             os.rename(dst, old)
         try:
             os.rename(tmp, dst)
