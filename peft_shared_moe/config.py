@@ -126,8 +126,10 @@ def _is_names(value: Any) -> bool:
 
 
 def _one_of(choices: tuple) -> Callable[[Any], bool]:
-    """Membership that does not let 1 pass for True or 0 for False."""
-    return lambda value: any(type(value) is type(choice) and value == choice for choice in choices)
+    """Membership that does not let 1 pass for True or 0 for False; str enums (PEFT's TaskType) count as str."""
+    return lambda value: any(
+        value == choice and isinstance(value, bool) == isinstance(choice, bool) for choice in choices
+    )
 
 
 # field -> (check, what is expected); a field absent from the values is not checked (its default is valid).

@@ -257,6 +257,9 @@ def test_causal_lm_task_type(qwen3_path, tmp_path):
     """task_type="CAUSAL_LM" gives PEFT's causal-LM wrapper; forward, generate and reload work there too."""
     from peft import PeftModelForCausalLM
 
+    from peft import TaskType
+
+    assert config(task_type=TaskType.CAUSAL_LM).task_type == "CAUSAL_LM"  # PEFT's enum, as users write it
     model = get_peft_model(load(qwen3_path), config(task_type="CAUSAL_LM"))
     assert isinstance(model, PeftModelForCausalLM)
     randomize_adapter(model, seed=6)

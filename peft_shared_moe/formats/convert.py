@@ -34,8 +34,8 @@ from .io import (
     open_adapter,
     write_config,
 )
-from ..factors import TP_SPLIT_DIM
-from .layouts import LAYOUTS, NATIVE_TO_PROJ, PREFIX, Factor, layer_groups, layer_index
+from ..factors import PROJECTIONS, TP_SPLIT_DIM
+from .layouts import LAYOUTS, PREFIX, Factor, layer_groups, layer_index
 from .plan import AdapterPlan, check_finite, read_plan
 
 FORMATS = ("native", "sglang", "tinker", "vllm")
@@ -83,7 +83,7 @@ def _layout_entries(factor: Factor, fmt: str, shape: tuple[int, ...]) -> list[tu
         return [(factor.key, shape, None)]
     proj, ab = factor.name.split(".")
     stem = f"{PREFIX}{factor.module}"
-    return [(f"{stem}.{e}.{NATIVE_TO_PROJ[proj]}.{ab}.weight", shape[1:], e) for e in range(factor.num_experts)]
+    return [(f"{stem}.{e}.{PROJECTIONS[proj]}.{ab}.weight", shape[1:], e) for e in range(factor.num_experts)]
 
 
 def _entries(plan: AdapterPlan, factor: Factor, fmt: str, rank: int, tp_size: int):
@@ -112,7 +112,7 @@ def _output_config(plan: AdapterPlan, fmt: str):
             )
         return SharedMoeLoraConfig(**common, target_modules=plan.targets, shared_outer=plan.shared_outer, task_type=s.task_type)
     linear = [t for t in plan.targets if t != "experts"]
-    experts = list(NATIVE_TO_PROJ.values()) if plan.has_experts else []
+    experts = list(PROJECTIONS.values()) if plan.has_experts else []
     return LoraConfig(
         **common,
         target_modules=list(dict.fromkeys(experts + linear)),

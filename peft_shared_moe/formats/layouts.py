@@ -17,7 +17,7 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from ..config import LORA_INITS, PEFT_TYPE, SHARED_MOE_INITS, ConfigError, validate_lora_fields
-from ..factors import EXPERT_FACTORS, OUTER_FACTORS, PROJECTIONS as NATIVE_TO_PROJ
+from ..factors import EXPERT_FACTORS, OUTER_FACTORS, PROJECTIONS
 from .io import AdapterFormatError, Reader, TensorMeta
 
 PREFIX = "base_model.model."
@@ -241,7 +241,7 @@ class Factor:
 
 
 def _written_proj(layout: str, native: str) -> str:
-    return native if layout in ("3d", "per-expert-w") else NATIVE_TO_PROJ[native]
+    return native if layout in ("3d", "per-expert-w") else PROJECTIONS[native]
 
 
 def _stacked_source(slot: dict[Optional[int], str], meta: dict[str, TensorMeta], problems: list[str]):

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .convert import prepare_write, write_prepared
+from .convert import prepare_write, write_inputs, write_prepared
 from .io import WORK_MARK, PathLike, atomic_directory, check_destination
 
 # Files of the base model directory worth carrying beside the merged weights, so the output serves as is.
@@ -50,7 +50,7 @@ def merge_adapter(
         raise FileNotFoundError(f"base {base_dir}: no weights (expected *.safetensors files, or *.bin files)")
     if dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    inputs = [base_dir, adapter]
+    inputs = write_inputs(adapter, base_dir)
     check_destination(out, overwrite, inputs)
     # Every input is read and checked before the first write: the adapter (against the base), then the base.
     job = prepare_write(adapter, "native", base=base_dir, allow_pickle=allow_pickle, progress=progress)
@@ -59,7 +59,6 @@ def merge_adapter(
                                                  trust_remote_code=False)
     with atomic_directory(out, overwrite, inputs) as tmp:
         native = tmp / f"{WORK_MARK}adapter"  # PEFT loads from a directory; it is removed before the rename
-        native.mkdir()
         write_prepared(job, native, progress)
         merged = PeftModel.from_pretrained(model, native).merge_and_unload()
         shutil.rmtree(native)

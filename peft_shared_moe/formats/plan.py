@@ -11,11 +11,10 @@ from typing import Optional, Union
 
 import torch
 
-from ..factors import factor_shape
+from ..factors import EXPERT_FACTORS, factor_shape
 from .base import BaseSpec, ExpertDims, LinearDims, base_modules
 from .io import AdapterFiles, AdapterFormatError, Reader, TensorMeta
 from .layouts import (
-    EXPERT_FACTORS,
     PREFIX,
     Factor,
     LoraSettings,
@@ -26,11 +25,6 @@ from .layouts import (
     read_factors,
     read_settings,
 )
-
-
-def expert_shapes(dims: ExpertDims, r: int, shared_outer: bool) -> dict[str, tuple[int, ...]]:
-    """Factor name -> shape, from the one factor table (peft_shared_moe/factors.py)."""
-    return {f: factor_shape(f, dims.num_experts, dims.hidden, dims.inter, r, shared_outer) for f in EXPERT_FACTORS}
 
 
 @dataclass
@@ -105,7 +99,7 @@ def _check_shapes(factors: list[Factor], settings: LoraSettings, base: Optional[
         r = settings.rank_for(f.module)
         dims = base[f.module] if base is not None else inferred if f.is_expert else None
         if f.is_expert:
-            allowed = {expert_shapes(dims, r, shared)[f.name] for shared in (True, False)}
+            allowed = {factor_shape(f.name, dims.num_experts, dims.hidden, dims.inter, r, shared) for shared in (True, False)}
             context = f"E={dims.num_experts}, H={dims.hidden}, I={dims.inter}, r={r}"
         elif dims is not None:
             allowed = {(r, dims.in_features)} if f.name == "lora_A" else {(dims.out_features, r)}
