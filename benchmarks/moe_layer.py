@@ -48,7 +48,6 @@ def make_experts(impl: str):
 
 
 def make_lora(shared: bool = True) -> ExpertLoraFactors:
-    outer = 1 if shared else E
     g = lambda *s: torch.randn(*s, device="cuda") * 0.02  # noqa: E731  float32, as PEFT trains them
     return ExpertLoraFactors({f: g(*factor_shape(f, E, H, I, R, shared)) for f in EXPERT_FACTORS}, 1.0)
 
