@@ -11,8 +11,10 @@ every layout `describe_experts` accepts, the Triton one refuses what its kernels
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -100,11 +102,69 @@ def run_experts(
     )
 
 
+IMPLEMENTATION_NAME = "peft_shared_moe"
+
+
+class _DispatchToUs:
+    """An experts block's config, seen through: only `_experts_implementation` reads as ours."""
+
+    _experts_implementation = IMPLEMENTATION_NAME
+
+    def __init__(self, config: object) -> None:
+        self._config = config
+
+    def __getattr__(self, name: str):
+        return getattr(self._config, name)
+
+
+@dataclass(frozen=True)
+class AdapterCall:
+    """An adapter to add inside one call of a block's own (parallel-hooked) forward.
+
+    transformers' tensor / expert parallel styles wrap an experts block's forward: they make its
+    inputs and weights local, move tokens, then call the block's class forward, which dispatches on
+    `config._experts_implementation`. For the length of one call, `installed_on` points that dispatch
+    at `transformers_experts_forward`, which finds this object on the block and adds the adapter
+    (`factors()` gives this rank's shards) to the base experts it computes.
+    """
+
+    factors: Callable[[], ExpertLoraFactors]
+    backend: str
+    skips_foreign_experts: bool  # expert parallel: routes to other ranks' experts come as index E_local
+
+    @contextmanager
+    def installed_on(self, experts: nn.Module) -> Iterator[None]:
+        config = experts.__dict__.get("config")
+        experts.__dict__["config"] = _DispatchToUs(config)
+        experts.__dict__["_shared_moe_call"] = self
+        try:
+            yield
+        finally:
+            experts.__dict__["config"] = config
+            del experts.__dict__["_shared_moe_call"]
+
+
 def transformers_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """A base-only experts implementation for transformers' `ExpertsInterface`."""
-    return run_experts(self, _cached_layout(self), hidden_states, top_k_index, top_k_weights)
+    """An experts implementation for transformers' `ExpertsInterface`: base experts on our backends,
+    plus the adapter of an `AdapterCall` in progress on this block (tensor / expert parallel)."""
+    call: Optional[AdapterCall] = self.__dict__.get("_shared_moe_call")
+    layout = _cached_layout(self)  # of the weights it holds now: this rank's shards inside a parallel hook
+    if (call is not None and call.skips_foreign_experts) or _is_expert_parallel(self):
+        layout = replace(layout, skips_foreign_experts=True)
+    if call is None:
+        return run_experts(self, layout, hidden_states, top_k_index, top_k_weights)
+    return run_experts(self, layout, hidden_states, top_k_index, top_k_weights, call.factors(), call.backend)
+
+
+def _is_expert_parallel(experts: nn.Module) -> bool:
+    """transformers' expert parallelism routes to other ranks' experts with index E_local: the flag is
+    `_is_expert_parallel` (>= 5.21) or the model's `DistributedConfig(enable_expert_parallel=True)` (5.17)."""
+    if getattr(experts, "_is_expert_parallel", False):
+        return True
+    distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
+    return bool(getattr(distributed, "enable_expert_parallel", False))
 
 
 def _cached_layout(experts: nn.Module) -> ExpertsLayout:
@@ -124,7 +184,7 @@ def _cached_layout(experts: nn.Module) -> ExpertsLayout:
     return cached[1]
 
 
-def register_transformers_experts_implementation(name: str = "peft_shared_moe") -> None:
+def register_transformers_experts_implementation(name: str = IMPLEMENTATION_NAME) -> None:
     """Make `from_pretrained(..., experts_implementation="peft_shared_moe")` run our kernels."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -132,6 +192,7 @@ def register_transformers_experts_implementation(name: str = "peft_shared_moe") 
 
 
 __all__ = [
+    "AdapterCall",
     "EXPERTS_BACKENDS",
     "ExpertLoraFactors",
     "ExpertsLayout",

@@ -34,11 +34,16 @@ class ExpertsLayout:
     has_bias: bool = False  # gate_up_proj_bias (E, 2I), down_proj_bias (E, H), added by the block
     silu_gate: bool = True  # the block gates with transformers' default act_fn(gate) * up, act_fn = SiLU
     own_gate: bool = False  # the class defines its own `_apply_gate` (clamps, other activations)
+    # Expert parallel: a route to another rank's expert arrives as index `num_experts` (weight 0) and is skipped.
+    skips_foreign_experts: bool = False
 
     @property
     def fused_kernels_ok(self) -> bool:
         """The Triton kernels implement exactly this layout: [gate; up] (E, 2I, H), no bias, SiLU gate."""
-        return not (self.transposed or self.interleaved or self.has_bias or self.own_gate) and self.silu_gate
+        return (
+            not (self.transposed or self.interleaved or self.has_bias or self.own_gate or self.skips_foreign_experts)
+            and self.silu_gate
+        )
 
     def gate_up_columns(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Gate and up values (..., I) each -> (..., 2I) in the block's gate_up column order.
@@ -159,8 +164,6 @@ def describe_experts(module: nn.Module) -> Optional[ExpertsLayout]:
             f"{name}: has_post_expert_norm=True (a norm on each expert's output before the routing-weighted "
             f"sum) is not supported: the down-projection LoRA would have to pass through that norm"
         )
-    if getattr(module, "_is_expert_parallel", False):
-        raise UnsupportedExpertsError(f"{name}: expert-parallel experts (sentinel expert ids) are not supported")
     if not _takes_routing(module):
         raise UnsupportedExpertsError(
             f"{name}: its forward does not take (hidden_states, top_k_index, top_k_weights) (for example, "

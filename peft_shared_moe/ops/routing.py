@@ -17,6 +17,7 @@ contiguous and end at its `group_ends` entry. Everything here stays on the devic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -31,6 +32,16 @@ class ExpertRouting:
     weight_of_pair: torch.Tensor  # (S,) routing weight of each sorted row
     tokens_per_expert: torch.Tensor  # (E,) int32
     group_ends: torch.Tensor  # (E,) int32, cumulative tokens_per_expert
+    # (S, 1) bool, True for pairs routed to one of these experts; None when every pair is. Under expert
+    # parallelism a route to another rank's expert arrives as index E: it sorts to the tail, outside
+    # every group, and its rows must be masked (grouped GEMMs leave them unwritten).
+    routed_here: Optional[torch.Tensor] = None
+
+    def keep_routed(self, sorted_rows: torch.Tensor) -> torch.Tensor:
+        """Zero the rows of pairs routed elsewhere (their values are undefined), forward and backward."""
+        if self.routed_here is None:
+            return sorted_rows
+        return sorted_rows.masked_fill(~self.routed_here, 0.0)
 
     def to_tokens(self, sorted_rows: torch.Tensor) -> torch.Tensor:
         """Sum the rows of each token's pairs: (S, D) sorted by expert -> (T, D).
@@ -42,8 +53,11 @@ class ExpertRouting:
         return in_pair_order.view(self.num_tokens, self.top_k, -1).sum(dim=1)  # (T, D)
 
 
-def sort_pairs_by_expert(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> ExpertRouting:
-    """Group the (token, expert) pairs of a top-k routing by expert."""
+def sort_pairs_by_expert(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, skips_foreign_experts: bool = False
+) -> ExpertRouting:
+    """Group the (token, expert) pairs of a top-k routing by expert; with `skips_foreign_experts`,
+    index `num_experts` means "another rank's expert" and joins no group."""
     if top_k_index.dim() != 2 or top_k_index.shape != top_k_weights.shape:
         raise ValueError(
             f"top_k_index and top_k_weights must both be (tokens, top_k); got {tuple(top_k_index.shape)} and "
@@ -51,9 +65,12 @@ def sort_pairs_by_expert(top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
         )
     num_tokens, top_k = top_k_index.shape
     flat_experts = top_k_index.reshape(-1)  # (S,)
-    _, pair_order = torch.sort(flat_experts, stable=True)  # (S,)
-    tokens_per_expert = torch.zeros(num_experts, dtype=torch.int32, device=top_k_index.device)
+    sorted_experts, pair_order = torch.sort(flat_experts, stable=True)  # (S,)
+    # One slot more than there are experts catches the foreign routes; it is dropped after counting.
+    tokens_per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=top_k_index.device)
     tokens_per_expert.scatter_add_(0, flat_experts.long(), torch.ones_like(flat_experts, dtype=torch.int32))
+    tokens_per_expert = tokens_per_expert[:num_experts]
+    routed_here = (sorted_experts < num_experts).unsqueeze(-1) if skips_foreign_experts else None
     return ExpertRouting(
         num_tokens=num_tokens,
         top_k=top_k,
@@ -63,4 +80,5 @@ def sort_pairs_by_expert(top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
         weight_of_pair=top_k_weights.reshape(-1)[pair_order],
         tokens_per_expert=tokens_per_expert,
         group_ends=torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32),
+        routed_here=routed_here,
     )

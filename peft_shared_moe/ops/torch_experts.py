@@ -78,8 +78,9 @@ def loop_grouped_linear(x: torch.Tensor, weight: torch.Tensor, routing: ExpertRo
     ends = routing.group_ends.tolist()
     starts = [0] + ends[:-1]
     pieces = [x[s:e] @ weight[i].T for i, (s, e) in enumerate(zip(starts, ends)) if e > s]  # each (n_e, out)
-    if not pieces:
-        return x.new_zeros(x.shape[0], weight.shape[1])
+    unrouted = x.shape[0] - (ends[-1] if ends else 0)  # pairs routed to other ranks' experts (the tail)
+    if unrouted or not pieces:
+        pieces.append(x.new_zeros(unrouted, weight.shape[1]))
     return torch.cat(pieces, dim=0)  # (S, out)
 
 
@@ -143,20 +144,23 @@ def experts_forward(
     if apply_gate is None:
         apply_gate = default_gate(act_fn)
     num_experts = gate_up_w.shape[0]
-    routing = sort_pairs_by_expert(top_k_index, top_k_weights, num_experts)
+    skips_foreign = layout is not None and layout.skips_foreign_experts
+    routing = sort_pairs_by_expert(top_k_index, top_k_weights, num_experts, skips_foreign)
     base_dtype = gate_up_w.dtype
     if lora is not None and base_dtype in (torch.bfloat16, torch.float16):
         # float32 master factors, half-precision GEMMs: the LoRA products run at the base's speed
         # (grouped float32 GEMMs are several times slower on GPUs) and accumulate in float32.
         lora = lora.to(base_dtype)
-    x_pairs = hidden_states[routing.token_of_pair]  # (S, H)
+    # Rows of pairs routed to other ranks' experts (expert parallel) are zeroed on the way into the
+    # GEMMs, so their undefined gradients never reach a token, and on the way out, before the sum.
+    x_pairs = routing.keep_routed(hidden_states[routing.token_of_pair])  # (S, H)
     expert_of_pair = None
     if gate_up_bias is not None or down_bias is not None:
-        expert_of_pair = top_k_index.reshape(-1)[routing.pair_order]  # (S,)
+        expert_of_pair = top_k_index.reshape(-1)[routing.pair_order].clamp(max=num_experts - 1)  # (S,)
 
     gate_up = linear(x_pairs, gate_up_w, routing)  # (S, 2I), the block's column order
     if gate_up_bias is not None:
-        gate_up = gate_up + gate_up_bias[expert_of_pair]
+        gate_up = gate_up + routing.keep_routed(gate_up_bias[expert_of_pair])
     if lora is not None:
         s = lora.scaling
         if lora.shared_in:
@@ -167,7 +171,7 @@ def experts_forward(
                 [_per_token_lora_input(hidden_states, lora["w1.lora_A"]), _per_token_lora_input(hidden_states, lora["w3.lora_A"])],
                 dim=-1,
             )  # (T, 2r)
-            a_gate, a_up = a_tokens[routing.token_of_pair].chunk(2, dim=-1)  # (S, r) each
+            a_gate, a_up = routing.keep_routed(a_tokens[routing.token_of_pair]).chunk(2, dim=-1)  # (S, r) each
         else:
             a_gate = linear(x_pairs, lora["w1.lora_A"], routing)  # (S, r)
             a_up = linear(x_pairs, lora["w3.lora_A"], routing)  # (S, r)
@@ -179,18 +183,19 @@ def experts_forward(
     h = apply_gate(gate_up)  # (S, I)
     down = linear(h, down_w, routing)  # (S, H)
     if down_bias is not None:
-        down = down + down_bias[expert_of_pair]
+        down = down + routing.keep_routed(down_bias[expert_of_pair])
 
     token_delta = None
     if lora is not None:
         a_down = linear(h, lora["w2.lora_A"], routing)  # (S, r)
         if lora.shared_out:
             # Routing-weighted sum of the rank-r activations per token, then B_down once per token.
-            weighted = a_down * routing.weight_of_pair.unsqueeze(-1).to(a_down.dtype)  # (S, r)
+            weighted = routing.keep_routed(a_down) * routing.weight_of_pair.unsqueeze(-1).to(a_down.dtype)  # (S, r)
             token_delta = F.linear(routing.to_tokens(weighted), lora["w2.lora_B"][0])  # (T, H)
         else:
             down = down + (s * linear(a_down, lora["w2.lora_B"], routing)).to(base_dtype)
 
+    down = routing.keep_routed(down)
     out = routing.to_tokens(down * routing.weight_of_pair.unsqueeze(-1).to(down.dtype))  # (T, H)
     if token_delta is not None:
         out = out + (s * token_delta).to(out.dtype)

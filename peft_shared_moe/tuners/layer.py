@@ -17,7 +17,8 @@ from torch import nn
 
 from ..config import SharedMoeLoraConfig
 from ..factors import EXPERT_FACTORS, PROJECTIONS, factor_shape, fan_in
-from ..ops import ExpertLoraFactors, describe_experts, run_experts
+from ..ops import AdapterCall, ExpertLoraFactors, describe_experts, run_experts
+from ..parallel import ParallelLayoutError, SumGradOver, SumOver, experts_sharding, is_dtensor, linear_sharding, local
 
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a transformers fused experts block that this library adapts (raises for one it refuses)."""
@@ -29,6 +30,11 @@ def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
         return tensor.uniform_(-bound, bound)
+
+
+def _storage(base: nn.Module, param_name: str) -> torch.Tensor:
+    """A base parameter's data, as this rank's shard when it is a DTensor: merges write shard by shard."""
+    return local(getattr(base, param_name).data)
 
 
 def _check_adapter_name(adapter_name: str) -> None:
@@ -68,7 +74,7 @@ class SharedMoeLoraLayer(BaseTunerLayer):
         merged: dict[str, torch.Tensor] = {}
         for name in adapter_names:
             for p, delta in self.delta_by_base_param(name).items():
-                current = merged.get(p, getattr(base, p).data)
+                current = merged.get(p, _storage(base, p))
                 merged[p] = current + delta.to(current.dtype)
         if safe_merge:
             broken = [p for p, t in merged.items() if not torch.isfinite(t).all()]
@@ -84,7 +90,7 @@ class SharedMoeLoraLayer(BaseTunerLayer):
             return
         base = self.get_base_layer()
         for p, value in self.merged_values(adapter_names, safe_merge).items():
-            getattr(base, p).data.copy_(value)
+            _storage(base, p).copy_(value)
         self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
@@ -95,8 +101,12 @@ class SharedMoeLoraLayer(BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             for p, delta in self.delta_by_base_param(name).items():
-                param = getattr(base, p)
-                param.data -= delta.to(param.dtype)
+                storage = _storage(base, p)
+                storage -= delta.to(storage.dtype)
+
+    def _local_factor(self, param: torch.Tensor) -> torch.Tensor:
+        """The tensor the math uses: this rank's shard under tensor / expert parallelism (parallel.py)."""
+        return param if self.sharding is None else local(param)
 
     def _active_here(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.scaling]
@@ -115,13 +125,15 @@ class SharedMoeLoraLayer(BaseTunerLayer):
         Sources absent from this layer count as zero.
         """
         present = [(a, w * self.scaling[a]) for a, w in zip(sources, weights) if a in self.scaling]
+        # Sources and result are split alike (never along the rank), so this works on local shards.
         with torch.no_grad():
             for name, param in self.factor_params(adapter_name).items():
+                param = self._local_factor(param)
                 param.zero_()
                 rank_dim = param.dim() - (2 if name.endswith("lora_A") else 1)
                 parts = []
                 for source, coef in present:
-                    tensor = self.factor_params(source)[name].to(param.dtype)
+                    tensor = self._local_factor(self.factor_params(source)[name]).to(param.dtype)
                     if combination_type == "cat":
                         parts.append(tensor * coef if name.endswith("lora_A") else tensor)
                     else:
@@ -168,6 +180,12 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
             raise ValueError(f"{type(base_layer).__name__} is not a fused experts block")
         self._init_bookkeeping(base_layer)
         self.layout = layout
+        self.sharding = experts_sharding(base_layer, layout.transposed, not layout.interleaved)
+        if self.sharding is not None and not hasattr(getattr(base_layer, "config", None), "_experts_implementation"):
+            raise ParallelLayoutError(
+                f"{type(base_layer).__name__} is sharded but does not dispatch through transformers' experts "
+                f"interface; the adapter runs inside the parallel engine's hook only through that interface"
+            )
         self.backend: dict[str, str] = {}
         for proj in PROJECTIONS:
             setattr(self, proj, ProjectionLora())
@@ -197,7 +215,7 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
 
     def update_layer(self, adapter_name: str, config: SharedMoeLoraConfig) -> None:
         _check_adapter_name(adapter_name)
-        base_param = self.get_base_layer().gate_up_proj
+        base_param = local(self.get_base_layer().gate_up_proj)
         num_experts, hidden, inter = self.layout.num_experts, self.layout.hidden, self.layout.inter
         for factor in EXPERT_FACTORS:
             shape = factor_shape(factor, num_experts, hidden, inter, config.r, config.shared_outer)
@@ -206,13 +224,19 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
                 nn.init.zeros_(weight)
             else:
                 _uniform_(weight, fan_in(factor, hidden, inter, config.r))
+            if self.sharding is not None:
+                weight = self.sharding.distribute(factor, weight)
             self.factor_dict(factor)[adapter_name] = ExpertFactor(weight)
         self._record_scaling(adapter_name, config)
         self.backend[adapter_name] = config.backend
         self.set_adapter(self.active_adapters)
 
     def factors(self, adapter_name: str) -> ExpertLoraFactors:
+        """One adapter's factors as the math uses them: this rank's shards when the block is sharded,
+        a replicated factor's gradient summed over the ranks (parallel.py)."""
         tensors = {f: self.factor_dict(f)[adapter_name].weight for f in EXPERT_FACTORS}
+        if self.sharding is not None:
+            tensors = {f: self.sharding.local_for_compute(t) for f, t in tensors.items()}
         return ExpertLoraFactors(tensors, scaling=self.scaling[adapter_name])
 
     def combined_factors(self, adapter_names: list[str]) -> ExpertLoraFactors:
@@ -229,7 +253,8 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         def cat(factor: str) -> torch.Tensor:
             tensors = [p[factor] * (p.scaling if factor.endswith("lora_B") else 1.0) for p in parts]
             if len({t.shape[0] for t in tensors}) > 1:
-                tensors = [t.expand(self.layout.num_experts, *t.shape[1:]) for t in tensors]
+                num_experts = max(t.shape[0] for t in tensors)  # this rank's experts under expert parallelism
+                tensors = [t.expand(num_experts, *t.shape[1:]) for t in tensors]
             return torch.cat([t.to(dtype) for t in tensors], dim=1 if factor.endswith("lora_A") else 2)
 
         return ExpertLoraFactors({f: cat(f) for f in EXPERT_FACTORS}, scaling=1.0)
@@ -252,8 +277,18 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         active = self._active_here()
         if self.merged or not active:
             return base(hidden_states, top_k_index, top_k_weights)
+        if self.sharding is not None:
+            return self._forward_in_parallel_engine(base, hidden_states, top_k_index, top_k_weights, active)
         lora = self.combined_factors(active)
         return run_experts(base, self.layout, hidden_states, top_k_index, top_k_weights, lora, self.backend[active[0]])
+
+    def _forward_in_parallel_engine(self, base: nn.Module, hidden_states, top_k_index, top_k_weights, active):
+        """Run through the base block's own parallel hook (transformers' TP / EP), which makes the inputs
+        and weights local, exchanges tokens and sums the partial outputs; inside it, the block's experts
+        interface is pointed at ours for this call, which adds the adapter's local shards."""
+        call = AdapterCall(lambda: self.combined_factors(active), self.backend[active[0]], self.sharding.expert_parallel)
+        with call.installed_on(base):
+            return base(hidden_states, top_k_index, top_k_weights)
 
     def __repr__(self) -> str:
         return "shared_moe_lora." + super().__repr__()
@@ -269,6 +304,7 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
         super().__init__()
         self._init_bookkeeping(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.sharding = linear_sharding(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -278,7 +314,8 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
     def update_layer(self, adapter_name: str, config: SharedMoeLoraConfig) -> None:
         _check_adapter_name(adapter_name)
         base = self.get_base_layer()
-        dtype, device = base.weight.dtype, base.weight.device
+        weight = local(base.weight)
+        dtype, device = weight.dtype, weight.device
         lora_A = nn.Linear(base.in_features, config.r, bias=False, device=device, dtype=dtype)
         lora_B = nn.Linear(config.r, base.out_features, bias=False, device=device, dtype=dtype)
         _uniform_(lora_A.weight, base.in_features)
@@ -286,6 +323,9 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
             nn.init.zeros_(lora_B.weight)
         else:
             _uniform_(lora_B.weight, config.r)
+        if self.sharding is not None:
+            for factor, module in (("lora_A", lora_A), ("lora_B", lora_B)):
+                module.weight = nn.Parameter(self.sharding.distribute(factor, module.weight.detach()))
         self.lora_A[adapter_name] = lora_A
         self.lora_B[adapter_name] = lora_B
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
@@ -293,7 +333,8 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
         self.set_adapter(self.active_adapters)
 
     def delta_by_base_param(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {"weight": self.scaling[adapter_name] * (self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight)}
+        A, B = (self._local_factor(m[adapter_name].weight) for m in (self.lora_A, self.lora_B))
+        return {"weight": self.scaling[adapter_name] * (B @ A)}  # this rank's shard of the weight, if split
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
@@ -307,10 +348,34 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
         for name in self._active_here():
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             dropout = self.lora_dropout[name]
-            x_in = x.to(A.dtype) if isinstance(dropout, nn.Identity) else dropout(x.to(A.dtype))
-            delta = F.linear(F.linear(x_in, A), B)  # plain functions: this runs per token in generate
+            if self.sharding is not None:
+                delta = self._sharded_delta(x, local(A), local(B), dropout, result)
+            else:
+                x_in = x.to(A.dtype) if isinstance(dropout, nn.Identity) else dropout(x.to(A.dtype))
+                delta = F.linear(F.linear(x_in, A), B)  # plain functions: this runs per token in generate
             result = result + (self.scaling[name] * delta).to(result.dtype)
         return result
+
+    def _sharded_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dropout: nn.Module,
+                       result: torch.Tensor) -> torch.Tensor:
+        """B A x on this rank, for a base split colwise (output shard) or rowwise (input shard), docs/PARALLEL.md.
+
+        colwise: x is whole and A replicated, so x A^T is whole on every rank but its gradient is partial
+        (each rank sees its B rows): summed once, which gives A and x their full gradients.
+        rowwise: x and A are split along the input, so x A^T is partial: summed once in the forward.
+        """
+        x = local(x).to(A.dtype)
+        if is_dtensor(result) or x.shape[-1] != A.shape[-1] or result.shape[-1] != B.shape[0]:
+            raise ParallelLayoutError(
+                f"{type(self.get_base_layer()).__name__} is split {self.sharding.style} but its forward took "
+                f"{tuple(x.shape)} and gave {type(result).__name__} {tuple(result.shape)}; the adapter follows the "
+                f"'colwise' and 'rowwise' plans (local output / local input) only"
+            )
+        if not isinstance(dropout, nn.Identity):
+            x = dropout(x)
+        if self.sharding.style == "colwise":
+            return F.linear(SumGradOver.apply(F.linear(x, A), self.sharding.group), B)
+        return F.linear(SumOver.apply(F.linear(x, A), self.sharding.group), B)
 
     def __repr__(self) -> str:
         return "shared_moe_lora." + super().__repr__()

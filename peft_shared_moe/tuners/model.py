@@ -11,8 +11,17 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from ..config import EXPERTS_TARGET, SharedMoeLoraConfig
-from ..ops import UnsupportedExpertsError
-from .layer import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer, is_fused_experts
+from ..ops import UnsupportedExpertsError, describe_experts
+from ..parallel import (
+    ParallelLayoutError,
+    broadcast_replicas,
+    distribute_tensor,
+    experts_sharding,
+    is_dtensor,
+    linear_sharding,
+    local,
+)
+from .layer import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer
 
 
 def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str]:
@@ -51,6 +60,7 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
                 f"target {hits[0]!r} matched module {key!r} of type {type(base).__name__}; expected an nn.Linear "
                 f"(or use 'experts' for a fused experts block)"
             )
+        _check_linear_sharding(key, base, config)
         targets[key] = "linear"
         matched.update(hits)
     if EXPERTS_TARGET in names and EXPERTS_TARGET not in matched:
@@ -66,9 +76,54 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
 
 def _is_adaptable_experts(key: str, module: nn.Module) -> bool:
     try:
-        return is_fused_experts(module)
+        layout = describe_experts(module)
+        if layout is not None:
+            experts_sharding(module, layout.transposed, not layout.interleaved)  # raises for a split we cannot follow
+        return layout is not None
     except UnsupportedExpertsError as error:
         raise UnsupportedExpertsError(f"cannot adapt {key!r}: {error}") from None
+    except ParallelLayoutError as error:
+        raise ParallelLayoutError(f"cannot adapt {key!r}: {error}") from None
+
+
+def _check_linear_sharding(key: str, linear: nn.Linear, config: SharedMoeLoraConfig) -> None:
+    try:
+        sharding = linear_sharding(linear)
+    except ParallelLayoutError as error:
+        raise ParallelLayoutError(f"cannot adapt {key!r}: {error}") from None
+    if sharding is not None and sharding.style == "colwise" and config.lora_dropout:
+        # Each rank would draw its own mask on the replicated input: the shards would disagree.
+        raise ParallelLayoutError(
+            f"cannot adapt {key!r}: lora_dropout={config.lora_dropout} on a column-parallel linear would drop "
+            f"different inputs on each rank; use lora_dropout=0 under tensor parallelism"
+        )
+
+
+def shard_like_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors from a file -> DTensors placed like the model's parameters of the same keys
+    (rank 0's values, so every replica is identical); other values pass through."""
+    params = dict(model.named_parameters())
+    placed = {}
+    for key, value in state_dict.items():
+        param = params.get(key)
+        if param is not None and is_dtensor(param) and not is_dtensor(value):
+            value = distribute_tensor(
+                value.to(device=local(param).device, dtype=param.dtype).contiguous(), param.device_mesh,
+                param.placements, src_data_rank=0,
+            )
+        placed[key] = value
+    return placed
+
+
+def _align_replicas(model: nn.Module, adapter_name: str) -> None:
+    """In a tensor / expert parallel model, unsharded factors (a linear the plan leaves whole) start
+    from rank 0's values on every rank; sharded ones were placed from rank 0 already."""
+    layers = [m for m in model.modules() if isinstance(m, SharedMoeLoraLayer) and adapter_name in m.scaling]
+    meshes = [m.sharding.mesh for m in layers if m.sharding is not None]
+    if not meshes:
+        return
+    plain = [p for m in layers for p in m.factor_params(adapter_name).values() if not is_dtensor(p)]
+    broadcast_replicas(plain, meshes[0])
 
 
 def _expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
@@ -98,6 +153,7 @@ class SharedMoeLoraModel(BaseTuner):
             # What a failed first load must restore (PEFT freezes the base while injecting).
             self._requires_grad_before_injection = {n: p.requires_grad for n, p in model.named_parameters()}
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        _align_replicas(model, adapter_name)
 
     def _check_target_module_exists(self, peft_config: SharedMoeLoraConfig, key: str) -> bool:
         return key in getattr(self, "_targets", {})
@@ -245,7 +301,14 @@ class SharedMoeLoraModel(BaseTuner):
         except ValueError:
             _undo_injection(model, adapter_name)
             raise
-        return remapped
+        return shard_like_model(model, remapped)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config, adapter_name: str, state_dict, unwanted_adapter_names):
+        # A file holds whole tensors, whatever the parallelism: sharded factors are gathered (every rank
+        # must call save_pretrained, as with transformers' own TP models; is_main_process picks the writer).
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return {k: v.full_tensor() if is_dtensor(v) else v for k, v in selected.items()}
 
     @classmethod
     def check_adapter_state_dict(

@@ -1,0 +1,211 @@
+"""Tensor and expert parallelism: the adapter follows the sharding transformers gave the base model.
+
+A model loaded with `tp_plan="auto"`, `DistributedConfig(tp_size=N)` or expert parallelism holds
+its base weights as DTensors and runs each sharded module through a hook of its own (inputs made
+local, partial outputs all-reduced). Our factors become DTensors on the same mesh, split where the
+base is split (docs/PARALLEL.md derives each rule), and every forward computes on the local shards:
+
+- experts, tensor parallel (gate_up_proj packed-colwise, down_proj rowwise, both along I):
+  gate/up `lora_B` and down `lora_A` are split along I; the factors touching H (shared or not)
+  are replicated. The engine's own output all-reduce sums the LoRA partials with the base's.
+- experts, expert parallel (experts split on dim 0): per-expert factors are split on dim 0 with
+  their experts; shared factors are replicated.
+- dense linears: colwise (weight split on out) -> `lora_B` split on out, `lora_A` replicated;
+  rowwise (weight split on in) -> `lora_A` split on in, `lora_B` replicated.
+
+A replicated factor gets a partial gradient on every rank (each rank sees only its shard of the
+product it feeds); `SumGradOver` sums it in the backward, once per use, so every replica receives the
+same, full gradient and stays identical. Anything else (2D meshes, other placements, a size that
+does not divide) is refused with the dimension named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+try:  # torch.distributed is optional (some builds have none); nothing here runs without it
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment]
+
+
+class ParallelLayoutError(ValueError):
+    """The base is sharded in a way this adapter cannot follow exactly; the message names what and why."""
+
+
+def is_dtensor(t: object) -> bool:
+    return bool(DTensor) and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage and autograd), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+class SumGradOver(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over `group` (each rank holds a partial one)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class SumOver(torch.autograd.Function):
+    """Sums a partial value over `group` in the forward; the gradient of the sum is passed through."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How one adapted module's factors are placed on the base's 1D mesh.
+
+    `split_dim` maps a factor name to the dim it is split along; factors not named are replicated.
+    `expert_parallel`: the experts are split on dim 0, so routes to another rank's experts arrive as
+    index `num_local_experts` (weight 0) and are skipped.
+    """
+
+    mesh: object
+    split_dim: dict
+    style: str  # "tp", "ep" (experts), "colwise", "rowwise" (linears)
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.style == "ep"
+
+    def split_dim_of(self, factor: str, shape: tuple) -> Optional[int]:
+        """The dim `factor` is split along, or None (replicated). A shared factor (dim 0 == 1) is never split."""
+        dim = self.split_dim.get(factor)
+        if self.expert_parallel and shape[0] == 1:
+            return None
+        return dim
+
+    def distribute(self, factor: str, full: torch.Tensor) -> "DTensor":
+        """A full factor -> this rank's DTensor shard; rank 0's values, so every replica starts identical."""
+        dim = self.split_dim_of(factor, tuple(full.shape))
+        if dim is not None and full.shape[dim] % self.mesh.size():
+            raise ParallelLayoutError(
+                f"factor {factor} of shape {list(full.shape)}: dim {dim} ({full.shape[dim]}) does not divide over "
+                f"{self.mesh.size()} ranks"
+            )
+        placements = [Replicate() if dim is None else Shard(dim)]
+        return distribute_tensor(full.contiguous(), self.mesh, placements, src_data_rank=0)
+
+    def local_for_compute(self, param: torch.Tensor) -> torch.Tensor:
+        """The local shard a forward computes with; a replicated factor's gradient is summed over ranks."""
+        shard = local(param)
+        replicated = is_dtensor(param) and all(isinstance(p, Replicate) for p in param.placements)
+        if replicated and torch.is_grad_enabled() and param.requires_grad:
+            shard = SumGradOver.apply(shard, self.group)
+        return shard
+
+
+def _one_dim_mesh(param: torch.Tensor, where: str):
+    mesh = param.device_mesh
+    if mesh.ndim != 1:
+        raise ParallelLayoutError(
+            f"{where} is sharded over a {mesh.ndim}D device mesh {tuple(mesh.mesh.shape)} with placements "
+            f"{param.placements}; the adapter follows 1D tensor- or expert-parallel meshes only"
+        )
+    return mesh
+
+
+def _placement_name(p) -> str:
+    return type(p).__name__
+
+
+def broadcast_replicas(params: list[torch.Tensor], mesh) -> None:
+    """Plain (unsharded) factors of a parallel model: every rank takes rank 0's values, so replicas that
+    train on the same batch stay identical."""
+    group = mesh.get_group()
+    src = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=src, group=group)
+
+
+def experts_sharding(experts: nn.Module, transposed: bool, concatenated: bool) -> Optional[Sharding]:
+    """The factors' sharding for a (possibly) sharded fused experts block; None when it is not sharded."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if not (is_dtensor(gate_up) or is_dtensor(down)):
+        return None
+    name = type(experts).__name__
+    if not (is_dtensor(gate_up) and is_dtensor(down)):
+        raise ParallelLayoutError(f"{name}: gate_up_proj and down_proj must both be sharded, or neither")
+    mesh = _one_dim_mesh(gate_up, f"{name}.gate_up_proj")
+    (gu,), (dn,) = gate_up.placements, down.placements
+    _check_even(gate_up, f"{name}.gate_up_proj")
+    _check_even(down, f"{name}.down_proj")
+    if _is_shard(gu, 0) and _is_shard(dn, 0):  # whole experts per rank
+        return Sharding(mesh, {"w1.lora_B": 0, "w3.lora_B": 0, "w2.lora_A": 0, "w1.lora_A": 0, "w3.lora_A": 0,
+                               "w2.lora_B": 0}, "ep")
+    inter_dim_gate_up = 2 if transposed else 1  # the 2I dim of gate_up_proj
+    inter_dim_down = 1 if transposed else 2  # the I dim of down_proj
+    packed = type(gu).__name__ == "_StridedShard" and gu.dim == inter_dim_gate_up and getattr(gu, "split_factor", 0) == 2
+    if concatenated and packed and _is_shard(dn, inter_dim_down, strided_ok=False):
+        return Sharding(mesh, {"w1.lora_B": 1, "w3.lora_B": 1, "w2.lora_A": 2}, "tp")
+    raise ParallelLayoutError(
+        f"{name}: gate_up_proj placed {_placement_name(gu)}{getattr(gu, 'dim', '')} and down_proj "
+        f"{_placement_name(dn)}{getattr(dn, 'dim', '')}; the adapter follows packed-colwise gate_up / rowwise down "
+        f"(tensor parallel, [gate; up] layout) or experts split on dim 0 (expert parallel)"
+    )
+
+
+def _check_even(param: torch.Tensor, where: str) -> None:
+    """Every rank must hold an equal slice: the factors are split into equal slices along the same dim."""
+    size = param.device_mesh.size()
+    for dim, (full, part) in enumerate(zip(param.shape, param.to_local().shape)):
+        if full != part and (full % size or part * size != full):
+            raise ParallelLayoutError(
+                f"{where} {list(param.shape)} is split unevenly along dim {dim} ({full} over {size} ranks, "
+                f"{part} here); the adapter needs {full} divisible by {size}"
+            )
+
+
+def _is_shard(p, dim: int, strided_ok: bool = False) -> bool:
+    if not isinstance(p, Shard):
+        return False
+    if type(p).__name__ == "_StridedShard" and not strided_ok:
+        return False
+    return p.dim == dim
+
+
+def linear_sharding(linear: nn.Linear) -> Optional[Sharding]:
+    """Colwise (weight split on out) or rowwise (split on in) for a sharded linear; None when not sharded."""
+    weight = linear.weight
+    if not is_dtensor(weight):
+        return None
+    mesh = _one_dim_mesh(weight, "linear weight")
+    _check_even(weight, f"linear weight")
+    (p,) = weight.placements
+    if _is_shard(p, 0):
+        return Sharding(mesh, {"lora_B": 0}, "colwise")
+    if _is_shard(p, 1):
+        return Sharding(mesh, {"lora_A": 1}, "rowwise")
+    if isinstance(p, Replicate):
+        return None
+    raise ParallelLayoutError(f"linear weight placed {p}; the adapter follows colwise (Shard(0)) or rowwise (Shard(1))")

@@ -1,0 +1,172 @@
+"""One rank of a tensor- or expert-parallel run for tests/test_parallel.py, started by torchrun.
+
+Every rank builds the same adapter on one device (the reference) and on the model transformers
+shards (`mode`: "tp" = tp_plan="auto", "tp_config" = DistributedConfig(tp_size=N), "ep" = expert
+parallel), then compares, in float32: logits, adapter gradients, the adapter after 3 AdamW steps,
+greedy generate, and the adapter saved from the sharded model reloaded on one device. It writes
+the measured differences to `out_dir/rank{r}.json`; the test asserts on them.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import transformers
+from peft import PeftModel, get_peft_model
+
+from peft_shared_moe import SharedMoeLoraConfig
+from peft_shared_moe.parallel import is_dtensor
+from tests.conftest import input_ids, load, randomize_adapter
+
+TARGETS = ["experts", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parallel_kwargs(mode: str, world: int) -> dict:
+    from transformers.distributed import DistributedConfig
+
+    if mode == "tp":
+        return {"tp_plan": "auto"}
+    if mode == "tp_config":
+        return {"distributed_config": DistributedConfig(tp_size=world)}
+    if mode == "ep":
+        fields = DistributedConfig.__dataclass_fields__
+        if "ep_size" in fields:  # transformers >= 5.21: experts on an EP mesh, attention tensor parallel
+            return {"distributed_config": DistributedConfig(tp_size=world, ep_size=world)}
+        return {"distributed_config": DistributedConfig(tp_size=world, enable_expert_parallel=True)}
+    raise ValueError(mode)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if is_dtensor(t) else t).detach().cpu().clone()
+
+
+def adapter_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
+    found = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            value = p.grad if grads else p
+            found[name] = full(value) if value is not None else None
+    return found
+
+
+def train_steps(model, ids, steps: int = 3) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+def replica_spread(model) -> float:
+    """Largest difference between ranks of any replicated (or unsharded) factor: 0.0 when bit-identical."""
+    worst = 0.0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements):
+            continue
+        mine = (p.to_local() if is_dtensor(p) else p).detach().contiguous()
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        worst = max(worst, max((g - gathered[0]).abs().max().item() for g in gathered))
+    return worst
+
+
+def main(mode: str, base_path: str, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang prints where it is and fails the test
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=120))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    here = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    result: dict = {"mode": mode, "transformers": transformers.__version__, "world": world}
+    config = SharedMoeLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    ids = input_ids(batch=2, length=9).to(here)
+    try:
+        torch.manual_seed(0)
+        reference = get_peft_model(load(base_path, dtype=torch.float32).to(here), config)
+        randomize_adapter(reference, seed=1)
+        adapter_dir = os.path.join(out_dir, "start")
+        if rank == 0:
+            reference.save_pretrained(adapter_dir)
+        dist.barrier()
+
+        # the same adapter, created on the sharded model and then loaded into it
+        torch.manual_seed(100 + rank)  # each rank draws other initial values: creation must align them
+        created = get_peft_model(load(base_path, dtype=torch.float32, **parallel_kwargs(mode, world)), config)
+        result["created_replica_spread"] = replica_spread(created)
+        del created
+        sharded = PeftModel.from_pretrained(
+            load(base_path, dtype=torch.float32, **parallel_kwargs(mode, world)), adapter_dir, is_trainable=True
+        )
+        result["sharded_factors"] = sorted(
+            n for n, p in sharded.named_parameters() if p.requires_grad and is_dtensor(p)
+            and not all(pl.is_replicate() for pl in p.placements)
+        )
+
+        # our experts implementation, base only, inside the same parallel hooks
+        kwargs = {**parallel_kwargs(mode, world), "experts_implementation": "peft_shared_moe"}
+        with torch.no_grad():
+            base_par = load(base_path, dtype=torch.float32, **kwargs)(input_ids=ids).logits
+            with reference.disable_adapter():
+                base_ref = reference(input_ids=ids).logits
+        result["base_only_logits_rel"] = rel(full(base_par), base_ref.cpu())
+
+        out_ref = reference(input_ids=ids, labels=ids)
+        out_par = sharded(input_ids=ids, labels=ids)
+        result["logits_rel"] = rel(full(out_par.logits), out_ref.logits.detach().cpu())
+        out_ref.loss.backward()
+        out_par.loss.backward()
+        g_ref, g_par = adapter_tensors(reference, grads=True), adapter_tensors(sharded, grads=True)
+        result["grad_keys_equal"] = sorted(g_ref) == sorted(g_par)
+        result["grad_rel"] = max(rel(g_par[k], g_ref[k]) for k in g_ref)
+        reference.zero_grad()
+        sharded.zero_grad()
+
+        before = adapter_tensors(reference)
+        train_steps(reference, ids)
+        train_steps(sharded, ids)
+        a_ref, a_par = adapter_tensors(reference), adapter_tensors(sharded)
+        result["trained_rel"] = max(rel(a_par[k], a_ref[k]) for k in a_ref)
+        result["moved_rel"] = min(rel(a_ref[k], before[k]) for k in a_ref)  # the steps changed every factor
+        result["trained_replica_spread"] = replica_spread(sharded)
+
+        with torch.no_grad():
+            gen_ref = reference.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False)
+            gen_par = sharded.generate(input_ids=ids[:1], max_new_tokens=6, do_sample=False)
+        result["generate_equal"] = gen_ref.tolist() == gen_par.tolist()
+
+        saved_dir = os.path.join(out_dir, "trained")
+        sharded.save_pretrained(saved_dir, is_main_process=rank == 0)  # every rank: the gather is collective
+        dist.barrier()
+        if rank == 0:
+            single = PeftModel.from_pretrained(load(base_path, dtype=torch.float32).to(here), saved_dir)
+            with torch.no_grad():
+                logits_single = single(input_ids=ids).logits
+                logits_ref = reference(input_ids=ids).logits
+            result["reloaded_logits_rel"] = rel(logits_single.cpu(), logits_ref.cpu())
+        dist.barrier()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump(result, handle, indent=1)
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see tests/ddp_worker.py: no destructor after the process group is gone
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
