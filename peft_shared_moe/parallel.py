@@ -124,6 +124,16 @@ class Sharding:
         return shard
 
 
+# Mesh dims that shard data, not the model: FSDP's shards are whole again inside the forward.
+DATA_PARALLEL_DIMS = ("fsdp", "dp_shard", "dp_replicate", "dp", "efsdp")
+
+
+def is_data_parallel_shard(param: torch.Tensor) -> bool:
+    """A DTensor placed by FSDP (transformers' `DistributedConfig(fsdp_size=N)` names its mesh "fsdp")."""
+    names = param.device_mesh.mesh_dim_names if is_dtensor(param) else None
+    return bool(names) and all(n in DATA_PARALLEL_DIMS for n in names)
+
+
 def _one_dim_mesh(param: torch.Tensor, where: str):
     mesh = param.device_mesh
     if mesh.ndim != 1:
@@ -136,6 +146,28 @@ def _one_dim_mesh(param: torch.Tensor, where: str):
 
 def _placement_name(p) -> str:
     return type(p).__name__
+
+
+def data_parallel_mesh(model: nn.Module):
+    """The FSDP mesh of a model transformers already sharded for data parallelism, or None."""
+    for param in model.parameters():
+        if is_data_parallel_shard(param):
+            return param.device_mesh
+    return None
+
+
+def average_grads_over(params: list[torch.Tensor], mesh) -> None:
+    """Data parallelism for factors added after FSDP wrapped the model (which then leaves them out):
+    each rank's gradient, of its own batch, is replaced by the mean over the ranks, as FSDP does for
+    the parameters it manages, so every replica takes the same step."""
+    group, size = mesh.get_group(), mesh.size()
+
+    def average(param: torch.Tensor) -> None:
+        dist.all_reduce(param.grad, group=group)
+        param.grad.div_(size)
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(average)
 
 
 def broadcast_replicas(params: list[torch.Tensor], mesh) -> None:
@@ -151,7 +183,7 @@ def broadcast_replicas(params: list[torch.Tensor], mesh) -> None:
 def experts_sharding(experts: nn.Module, transposed: bool, concatenated: bool) -> Optional[Sharding]:
     """The factors' sharding for a (possibly) sharded fused experts block; None when it is not sharded."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    if not (is_dtensor(gate_up) or is_dtensor(down)):
+    if not (is_dtensor(gate_up) or is_dtensor(down)) or is_data_parallel_shard(gate_up):
         return None
     name = type(experts).__name__
     if not (is_dtensor(gate_up) and is_dtensor(down)):
@@ -197,7 +229,7 @@ def _is_shard(p, dim: int, strided_ok: bool = False) -> bool:
 def linear_sharding(linear: nn.Linear) -> Optional[Sharding]:
     """Colwise (weight split on out) or rowwise (split on in) for a sharded linear; None when not sharded."""
     weight = linear.weight
-    if not is_dtensor(weight):
+    if not is_dtensor(weight) or is_data_parallel_shard(weight):
         return None
     mesh = _one_dim_mesh(weight, "linear weight")
     _check_even(weight, f"linear weight")

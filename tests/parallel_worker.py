@@ -34,6 +34,8 @@ def parallel_kwargs(mode: str, world: int) -> dict:
         return {"tp_plan": "auto"}
     if mode == "tp_config":
         return {"distributed_config": DistributedConfig(tp_size=world)}
+    if mode == "fsdp_config":  # transformers shards for data parallelism before the adapter exists
+        return {"distributed_config": DistributedConfig(fsdp_size=world)}
     if mode == "ep":
         fields = DistributedConfig.__dataclass_fields__
         if "ep_size" in fields:  # transformers >= 5.21: experts on an EP mesh, attention tensor parallel
@@ -61,6 +63,7 @@ def adapter_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
 
 
 def train_steps(model, ids, steps: int = 3) -> None:
+    """3 AdamW steps on `ids`; lr 1e-2 so that every factor moves well past float32 noise."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(steps):
         opt.zero_grad()
@@ -94,7 +97,11 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
     here = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     result: dict = {"mode": mode, "transformers": transformers.__version__, "world": world}
     config = SharedMoeLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    ids = input_ids(batch=2, length=9).to(here)
+    ids = input_ids(batch=4, length=9).to(here)  # the global batch, which the reference trains on
+    # Data parallel: each rank trains on its own equal part, whose mean gradient is the global batch's.
+    data_parallel = mode == "fsdp_config"
+    rows = slice(rank * 2, rank * 2 + 2) if data_parallel else slice(None)
+    ids_here = ids[rows]
     try:
         torch.manual_seed(0)
         reference = get_peft_model(load(base_path, dtype=torch.float32).to(here), config)
@@ -120,14 +127,14 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
         # our experts implementation, base only, inside the same parallel hooks
         kwargs = {**parallel_kwargs(mode, world), "experts_implementation": "peft_shared_moe"}
         with torch.no_grad():
-            base_par = load(base_path, dtype=torch.float32, **kwargs)(input_ids=ids).logits
+            base_par = load(base_path, dtype=torch.float32, **kwargs)(input_ids=ids_here).logits
             with reference.disable_adapter():
-                base_ref = reference(input_ids=ids).logits
+                base_ref = reference(input_ids=ids).logits[rows]
         result["base_only_logits_rel"] = rel(full(base_par), base_ref.cpu())
 
         out_ref = reference(input_ids=ids, labels=ids)
-        out_par = sharded(input_ids=ids, labels=ids)
-        result["logits_rel"] = rel(full(out_par.logits), out_ref.logits.detach().cpu())
+        out_par = sharded(input_ids=ids_here, labels=ids_here)
+        result["logits_rel"] = rel(full(out_par.logits), out_ref.logits[rows].detach().cpu())
         out_ref.loss.backward()
         out_par.loss.backward()
         g_ref, g_par = adapter_tensors(reference, grads=True), adapter_tensors(sharded, grads=True)
@@ -138,7 +145,7 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
 
         before = adapter_tensors(reference)
         train_steps(reference, ids)
-        train_steps(sharded, ids)
+        train_steps(sharded, ids_here)
         a_ref, a_par = adapter_tensors(reference), adapter_tensors(sharded)
         result["trained_rel"] = max(rel(a_par[k], a_ref[k]) for k in a_ref)
         result["moved_rel"] = min(rel(a_ref[k], before[k]) for k in a_ref)  # the steps changed every factor
@@ -151,13 +158,22 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
 
         saved_dir = os.path.join(out_dir, "trained")
         sharded.save_pretrained(saved_dir, is_main_process=rank == 0)  # every rank: the gather is collective
+        with torch.no_grad():
+            logits_sharded = full(sharded(input_ids=ids).logits)
+        trained = {k.replace(".default", ""): v for k, v in adapter_tensors(sharded).items()}
         dist.barrier()
         if rank == 0:
+            from safetensors.torch import load_file
+
+            saved = load_file(os.path.join(saved_dir, "adapter_model.safetensors"))
+            result["saved_keys_equal"] = sorted(saved) == sorted(trained)
+            result["saved_max_abs_diff"] = max(
+                (saved[k] - v).abs().max().item() for k, v in trained.items()
+            )
             single = PeftModel.from_pretrained(load(base_path, dtype=torch.float32).to(here), saved_dir)
             with torch.no_grad():
                 logits_single = single(input_ids=ids).logits
-                logits_ref = reference(input_ids=ids).logits
-            result["reloaded_logits_rel"] = rel(logits_single.cpu(), logits_ref.cpu())
+            result["reloaded_logits_rel"] = rel(logits_single.cpu(), logits_sharded)
         dist.barrier()
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:

@@ -4,7 +4,8 @@ Each case starts tests/parallel_worker.py on 2 ranks with torchrun (gloo on the 
 GPUs) and asserts, float32, on what the ranks measured: logits, adapter gradients and the adapter
 after 3 AdamW steps within rel 1e-5 of one device, replicated factors bit-identical on every rank
 (at creation, with each rank seeded differently, and after training), greedy generate's tokens
-equal, and the adapter saved from the sharded model giving the same logits on one device.
+equal, and the adapter saved from the sharded model: one file of the whole trained tensors, giving
+the sharded model's logits on one device. "fsdp_config" is data parallel (each rank half the batch).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ["tp", "tp_config", "ep"]
+MODES = ["tp", "tp_config", "ep", "fsdp_config"]
 
 
 def run_ranks(mode: str, base_path: str, out: Path, gpus: bool) -> list[dict]:
@@ -43,7 +44,10 @@ def check(results: list[dict]) -> None:
     assert len(results) == 2
     for r in results:
         print(r["mode"], "transformers", r["transformers"], {k: v for k, v in r.items() if k.endswith(("rel", "spread"))})
-        assert r["sharded_factors"], "some factors must actually be split over the ranks"
+        if r["mode"] == "fsdp_config":  # data parallel: factors replicated, batches split
+            assert not r["sharded_factors"]
+        else:
+            assert r["sharded_factors"], "some factors must actually be split over the ranks"
         assert r["created_replica_spread"] == 0.0  # ranks seeded differently, creation aligned them
         assert r["base_only_logits_rel"] <= 1e-5
         assert r["logits_rel"] <= 1e-5
@@ -52,6 +56,8 @@ def check(results: list[dict]) -> None:
         assert r["trained_rel"] <= 1e-5
         assert r["trained_replica_spread"] == 0.0  # replicas bit-identical after 3 steps
         assert r["generate_equal"]
+    # one file of whole tensors, exactly the trained factors, giving the sharded model's logits on one device
+    assert results[0]["saved_keys_equal"] and results[0]["saved_max_abs_diff"] == 0.0
     assert results[0]["reloaded_logits_rel"] <= 1e-5
 
 

@@ -14,7 +14,9 @@ from ..config import EXPERTS_TARGET, SharedMoeLoraConfig
 from ..ops import UnsupportedExpertsError, describe_experts
 from ..parallel import (
     ParallelLayoutError,
+    average_grads_over,
     broadcast_replicas,
+    data_parallel_mesh,
     distribute_tensor,
     experts_sharding,
     is_dtensor,
@@ -116,14 +118,20 @@ def shard_like_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> d
 
 
 def _align_replicas(model: nn.Module, adapter_name: str) -> None:
-    """In a tensor / expert parallel model, unsharded factors (a linear the plan leaves whole) start
-    from rank 0's values on every rank; sharded ones were placed from rank 0 already."""
+    """In a parallel model, unsharded factors (a linear the TP plan leaves whole, every factor under
+    FSDP) start from rank 0's values on every rank; sharded ones were placed from rank 0 already."""
     layers = [m for m in model.modules() if isinstance(m, SharedMoeLoraLayer) and adapter_name in m.scaling]
-    meshes = [m.sharding.mesh for m in layers if m.sharding is not None]
-    if not meshes:
-        return
     plain = [p for m in layers for p in m.factor_params(adapter_name).values() if not is_dtensor(p)]
-    broadcast_replicas(plain, meshes[0])
+    fsdp_mesh = data_parallel_mesh(model)
+    if fsdp_mesh is not None:
+        # transformers' DistributedConfig(fsdp_size=N) sharded the model before the adapter existed:
+        # FSDP does not manage the factors, so they are kept replicated and their gradients averaged.
+        broadcast_replicas(plain, fsdp_mesh)
+        average_grads_over(plain, fsdp_mesh)
+        return
+    meshes = [m.sharding.mesh for m in layers if m.sharding is not None]
+    if meshes:
+        broadcast_replicas(plain, meshes[0])
 
 
 def _expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
