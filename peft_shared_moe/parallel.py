@@ -211,10 +211,11 @@ def _check_even(param: torch.Tensor, where: str) -> None:
     """Every rank must hold an equal slice: the factors are split into equal slices along the same dim."""
     size = param.device_mesh.size()
     for dim, (full, part) in enumerate(zip(param.shape, param.to_local().shape)):
-        if full != part and (full % size or part * size != full):
+        if full != part and part * size != full:
             raise ParallelLayoutError(
-                f"{where} {list(param.shape)} is split unevenly along dim {dim} ({full} over {size} ranks, "
-                f"{part} here); the adapter needs {full} divisible by {size}"
+                f"{where} {list(param.shape)} is split unevenly along dim {dim}: this rank holds {part} of {full}, "
+                f"not 1/{size}; the adapter's factors split into equal slices only (for a packed gate/up, the "
+                f"expert intermediate size must divide by {size})"
             )
 
 

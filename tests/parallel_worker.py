@@ -86,6 +86,38 @@ def replica_spread(model) -> float:
     return worst
 
 
+def refusals(base_path: str, out_dir: str, world: int) -> dict:
+    """Layouts the adapter cannot follow exactly: each refused at get_peft_model, naming why, and
+    the model left without any adapter layer."""
+    from transformers.distributed import DistributedConfig
+
+    from peft_shared_moe.parallel import ParallelLayoutError
+    from peft_shared_moe.tuners import SharedMoeLoraLayer
+    from tests.conftest import qwen3_moe_config, save_random_model
+
+    found: dict = {}
+    uneven_path = os.path.join(out_dir, "uneven")
+    if dist.get_rank() == 0:  # an expert intermediate size of 15 cannot split in halves
+        save_random_model(qwen3_moe_config(moe_intermediate_size=15), uneven_path)
+    dist.barrier()
+    cases = {
+        "uneven": (uneven_path, {"tp_plan": "auto"}, SharedMoeLoraConfig(r=4)),
+        "dropout": (base_path, {"tp_plan": "auto"}, SharedMoeLoraConfig(r=4, lora_dropout=0.1)),
+    }
+    if "ep_size" in DistributedConfig.__dataclass_fields__:  # experts on a 2D (efsdp, ep) mesh
+        cases["mesh2d"] = (base_path, {"distributed_config": DistributedConfig(fsdp_size=world, ep_size=world)},
+                           SharedMoeLoraConfig(r=4))
+    for name, (path, kwargs, config) in cases.items():
+        model = load(path, dtype=torch.float32, **kwargs)
+        try:
+            get_peft_model(model, config)
+            found[name] = None
+        except ParallelLayoutError as error:
+            found[name] = str(error)
+        found[name + "_untouched"] = not any(isinstance(m, SharedMoeLoraLayer) for m in model.modules())
+    return found
+
+
 def main(mode: str, base_path: str, out_dir: str) -> None:
     faulthandler.dump_traceback_later(240, exit=True)  # a hang prints where it is and fails the test
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,6 +135,9 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
     rows = slice(rank * 2, rank * 2 + 2) if data_parallel else slice(None)
     ids_here = ids[rows]
     try:
+        if mode == "refusals":
+            result.update(refusals(base_path, out_dir, world))
+            return
         torch.manual_seed(0)
         reference = get_peft_model(load(base_path, dtype=torch.float32).to(here), config)
         randomize_adapter(reference, seed=1)

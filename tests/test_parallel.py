@@ -66,6 +66,15 @@ def test_parallel_on_two_cpu_processes(mode, qwen3_path, tmp_path):
     check(run_ranks(mode, qwen3_path, tmp_path, gpus=False))
 
 
+def test_unfollowable_layouts_are_refused(qwen3_path, tmp_path):
+    for r in run_ranks("refusals", qwen3_path, tmp_path, gpus=False):
+        assert "split unevenly along dim 1" in r["uneven"] and "divide by 2" in r["uneven"]
+        assert "lora_dropout=0.1" in r["dropout"] and "column-parallel" in r["dropout"]
+        if "mesh2d" in r:  # transformers >= 5.21
+            assert "2D device mesh" in r["mesh2d"]
+        assert all(v for k, v in r.items() if k.endswith("_untouched"))
+
+
 @pytest.mark.gpu
 @pytest.mark.multigpu
 @pytest.mark.parametrize("mode", MODES)
