@@ -44,6 +44,10 @@ ROWS = [
     ("fsdp2", 2, 8, 2048, 4, "peft_target_parameters", False),
     ("single", 1, 48, 4096, 1, "ours", True),
     ("fsdp2", 2, 48, 4096, 1, "ours", True),
+    ("ddp", 4, 8, 2048, 4, "ours", False),
+    ("fsdp2", 4, 8, 2048, 4, "ours", False),
+    ("tp", 4, 8, 2048, 4, "ours", False),
+    ("ep", 4, 8, 2048, 4, "ours", False),
 ]
 
 
