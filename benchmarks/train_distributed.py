@@ -179,8 +179,9 @@ def run_all(args) -> None:
     from benchmarks.common import write_result
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="train_distributed-"))
+    work.mkdir(parents=True, exist_ok=True)
     row_file = work / "rows.jsonl"
-    rows = [r for r in ROWS if r[1] <= torch.cuda.device_count() and (not args.only or r[0] in args.only)]
+    rows = [r for i, r in enumerate(ROWS) if r[1] <= torch.cuda.device_count() and (args.rows is None or i in args.rows)]
     for mode, gpus, layers, seq, batch, impl, ckpt in rows:
         checkpoint = work / f"checkpoint-{layers}"
         if mode in ("tp", "ep"):
@@ -220,7 +221,7 @@ def main() -> None:
     p.add_argument("--row-file")
     p.add_argument("--checkpoint")
     p.add_argument("--workdir", help="where checkpoints and rows go (default: a new temporary folder)")
-    p.add_argument("--only", nargs="*", help="run only the rows of these modes")
+    p.add_argument("--rows", nargs="*", type=int, help="run only these entries of ROWS (0-based)")
     p.add_argument("--name", default="train_distributed")
     args = p.parse_args()
     if args.mode:

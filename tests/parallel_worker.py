@@ -13,6 +13,7 @@ import faulthandler
 import json
 import os
 import sys
+import traceback
 from datetime import timedelta
 
 import torch
@@ -64,7 +65,8 @@ def adapter_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
 
 def train_steps(model, ids, steps: int = 3) -> None:
     """3 AdamW steps on `ids`; lr 1e-2 so that every factor moves well past float32 noise."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # foreach=True: the multi-tensor kernels GPUs use by default, which refuse plain tensors beside DTensors
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
     for _ in range(steps):
         opt.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
@@ -210,6 +212,9 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
                 logits_single = single(input_ids=ids).logits
             result["reloaded_logits_rel"] = rel(logits_single.cpu(), logits_sharded)
         dist.barrier()
+    except Exception:
+        result["error"] = traceback.format_exc()
+        raise
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
             json.dump(result, handle, indent=1)

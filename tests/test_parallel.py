@@ -31,12 +31,14 @@ def run_ranks(mode: str, base_path: str, out: Path, gpus: bool) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(port),
                str(ROOT / "tests" / "parallel_worker.py"), mode, base_path, str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()]
-    assert done.returncode == 0, (results, done.stderr[-4000:])
+    errors = [r["error"] for r in results if "error" in r]
+    assert done.returncode == 0 and not errors, errors or done.stderr[-4000:]
     return results
 
 

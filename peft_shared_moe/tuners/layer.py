@@ -18,7 +18,7 @@ from torch import nn
 from ..config import SharedMoeLoraConfig
 from ..factors import EXPERT_FACTORS, PROJECTIONS, factor_shape, fan_in
 from ..ops import AdapterCall, ExpertLoraFactors, describe_experts, run_experts
-from ..parallel import ParallelLayoutError, SumGradOver, SumOver, experts_sharding, is_dtensor, linear_sharding, local
+from ..parallel import ParallelLayoutError, Sharding, SumGradOver, SumOver, experts_sharding, is_dtensor, linear_sharding, local
 
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a transformers fused experts block that this library adapts (raises for one it refuses)."""
@@ -358,7 +358,8 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
 
     def _sharded_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dropout: nn.Module,
                        result: torch.Tensor) -> torch.Tensor:
-        """B A x on this rank, for a base split colwise (output shard) or rowwise (input shard), docs/PARALLEL.md.
+        """B A x on this rank, for a base split colwise (output shard) or rowwise (input shard), or left
+        whole in a parallel model ("replicated"), docs/PARALLEL.md.
 
         colwise: x is whole and A replicated, so x A^T is whole on every rank but its gradient is partial
         (each rank sees its B rows): summed once, which gives A and x their full gradients.
@@ -375,7 +376,21 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
             x = dropout(x)
         if self.sharding.style == "colwise":
             return F.linear(SumGradOver.apply(F.linear(x, A), self.sharding.group), B)
-        return F.linear(SumOver.apply(F.linear(x, A), self.sharding.group), B)
+        if self.sharding.style == "rowwise":
+            return F.linear(SumOver.apply(F.linear(x, A), self.sharding.group), B)
+        return F.linear(F.linear(x, A), B)  # "replicated": a whole linear, the same batch on every rank
+
+    def replicate_on(self, mesh) -> None:
+        """A linear the parallel plan leaves whole, in a tensor / expert parallel model: its factors become
+        replicated DTensors on `mesh` (rank 0's values), like every other factor of the model, so one
+        optimizer steps them all (torch's multi-tensor kernels refuse plain tensors beside DTensors)."""
+        self.sharding = Sharding(mesh, {}, "replicated")
+        for adapter_name in self.scaling:
+            for factor in ("lora_A", "lora_B"):
+                module = getattr(self, factor)[adapter_name]
+                if not is_dtensor(module.weight):
+                    placed = self.sharding.distribute(factor, module.weight.detach())
+                    module.weight = nn.Parameter(placed, requires_grad=module.weight.requires_grad)
 
     def __repr__(self) -> str:
         return "shared_moe_lora." + super().__repr__()

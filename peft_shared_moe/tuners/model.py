@@ -118,8 +118,9 @@ def shard_like_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> d
 
 
 def _align_replicas(model: nn.Module, adapter_name: str) -> None:
-    """In a parallel model, unsharded factors (a linear the TP plan leaves whole, every factor under
-    FSDP) start from rank 0's values on every rank; sharded ones were placed from rank 0 already."""
+    """In a parallel model every replica starts from rank 0's values: under FSDP (data parallel) the
+    factors stay plain tensors, broadcast; under tensor / expert parallelism they are all DTensors
+    (placed from rank 0), a linear the plan leaves whole included."""
     layers = [m for m in model.modules() if isinstance(m, SharedMoeLoraLayer) and adapter_name in m.scaling]
     plain = [p for m in layers for p in m.factor_params(adapter_name).values() if not is_dtensor(p)]
     fsdp_mesh = data_parallel_mesh(model)
@@ -130,8 +131,16 @@ def _align_replicas(model: nn.Module, adapter_name: str) -> None:
         average_grads_over(plain, fsdp_mesh)
         return
     meshes = [m.sharding.mesh for m in layers if m.sharding is not None]
-    if meshes:
-        broadcast_replicas(plain, meshes[0])
+    if not meshes:
+        return
+    for layer in layers:
+        if layer.sharding is None:
+            if not isinstance(layer, LinearLoraLayer):
+                raise ParallelLayoutError(
+                    f"{type(layer.get_base_layer()).__name__}: an experts block left whole in a tensor / expert "
+                    f"parallel model is not supported"
+                )
+            layer.replicate_on(meshes[0])
 
 
 def _expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
