@@ -193,7 +193,8 @@ def run_all(args) -> None:
             command.append("--checkpointing")
         done = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
         if done.returncode != 0:
-            error = (done.stderr.strip().splitlines() or ["?"])[-1][:300]
+            lines = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
+            error = (lines or done.stderr.strip().splitlines()[-1:] or ["?"])[0][-400:]
             print(f"FAILED {mode} {gpus} {layers} {impl}: {error}", flush=True)
             with open(row_file, "a") as handle:
                 handle.write(json.dumps({"mode": mode, "gpus": gpus, "layers": layers, "seq": seq, "batch": batch,
