@@ -140,6 +140,13 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
         if mode == "refusals":
             result.update(refusals(base_path, out_dir, world))
             return
+        # bf16 base: the factors are upcast to float32 (PEFT's default), shards included, and train
+        half = get_peft_model(load(base_path, dtype=torch.bfloat16, **parallel_kwargs(mode, world)), config)
+        result["bf16_factor_dtypes"] = sorted({
+            f"{p.dtype}/{(p.to_local() if is_dtensor(p) else p).dtype}" for p in half.parameters() if p.requires_grad
+        })
+        train_steps(half, ids_here, steps=1)
+        del half
         torch.manual_seed(0)
         reference = get_peft_model(load(base_path, dtype=torch.float32).to(here), config)
         randomize_adapter(reference, seed=1)

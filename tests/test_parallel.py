@@ -50,6 +50,7 @@ def check(results: list[dict]) -> None:
             assert not r["sharded_factors"]
         else:
             assert r["sharded_factors"], "some factors must actually be split over the ranks"
+        assert r["bf16_factor_dtypes"] == ["torch.float32/torch.float32"]  # declared and local dtype
         assert r["created_replica_spread"] == 0.0  # ranks seeded differently, creation aligned them
         assert r["base_only_logits_rel"] <= 1e-5
         assert r["logits_rel"] <= 1e-5

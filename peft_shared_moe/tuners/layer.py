@@ -18,7 +18,17 @@ from torch import nn
 from ..config import SharedMoeLoraConfig
 from ..factors import EXPERT_FACTORS, PROJECTIONS, factor_shape, fan_in
 from ..ops import AdapterCall, ExpertLoraFactors, describe_experts, run_experts
-from ..parallel import ParallelLayoutError, Sharding, SumGradOver, SumOver, experts_sharding, is_dtensor, linear_sharding, local
+from ..parallel import (
+    ParallelLayoutError,
+    Sharding,
+    SumGradOver,
+    SumOver,
+    experts_sharding,
+    is_data_parallel_shard,
+    is_dtensor,
+    linear_sharding,
+    local,
+)
 
 def is_fused_experts(module: nn.Module) -> bool:
     """True for a transformers fused experts block that this library adapts (raises for one it refuses)."""
@@ -71,6 +81,13 @@ class SharedMoeLoraLayer(BaseTunerLayer):
     def merged_values(self, adapter_names: list[str], safe_merge: bool) -> dict[str, torch.Tensor]:
         """The base parameters after merging `adapter_names`, computed aside; raises before any write."""
         base = self.get_base_layer()
+        sharded_by_fsdp = [n for n, p in base.named_parameters(recurse=False) if is_data_parallel_shard(p)]
+        if sharded_by_fsdp:
+            raise ValueError(
+                f"cannot merge into {type(base).__name__}: {sharded_by_fsdp} are FSDP shards (the layer's weights "
+                f"are whole only inside its forward); merge on a model loaded without fsdp_size, or save the adapter "
+                f"and merge offline (peft-shared-moe merge)"
+            )
         merged: dict[str, torch.Tensor] = {}
         for name in adapter_names:
             for p, delta in self.delta_by_base_param(name).items():

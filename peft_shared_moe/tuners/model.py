@@ -208,6 +208,21 @@ class SharedMoeLoraModel(BaseTuner):
         # (PEFT's version assumes a `.weight`, which experts blocks do not have).
         setattr(parent, child_name, new_module)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT upcasts half-precision factors to float32 with `param.data = param.data.float()`, which on a
+        # DTensor changes its declared dtype but not its local shard's (the optimizer then fails on mixed
+        # dtypes). Our factors are cast here by replacing the parameter, which is right for both kinds.
+        if autocast_adapter_dtype:
+            for layer in self.model.modules():
+                if isinstance(layer, SharedMoeLoraLayer) and adapter_name in layer.scaling:
+                    for name in layer.adapter_layer_names:
+                        holder = getattr(layer, name)[adapter_name]
+                        if holder.weight.dtype in (torch.float16, torch.bfloat16):
+                            holder.weight = nn.Parameter(
+                                holder.weight.detach().to(torch.float32), requires_grad=holder.weight.requires_grad
+                            )
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+
     # ---- trainable biases (bias="all" / "lora_only", as LoraConfig) ---------------------------
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
