@@ -275,6 +275,8 @@ def _wait_for_every_saving_rank(sharded: dict[str, torch.Tensor]) -> None:
         store.wait(list(keys.values()), timedelta(seconds=timeout))
     except RuntimeError as error:  # the store's timeout (DistStoreError)
         missing = [r for r, key in keys.items() if not store.check([key])]
+        if not missing:  # everyone checked in: the store failed for another reason
+            raise
         key, t = next(iter(sharded.items()))
         raise IncompleteSaveError(
             f"save_pretrained on rank {me}: rank(s) {missing} of {ranks} did not call it within {timeout:g} s "

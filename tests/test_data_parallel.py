@@ -235,3 +235,12 @@ def test_fsdp2_through_accelerate_on_two_gpus(tmp_path):
     assert {r["distributed_type"] for r in results} == {"DistributedType.FSDP"}
     check_trainer_ranks(results, tensors, references, fsdp=True)
     check_resume(out, results, accelerate_launch(FSDP2_YAML), tmp_path / "resumed", gpus=True)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf", "nan"])
+def test_save_timeout_must_be_a_finite_positive_number(monkeypatch, value):
+    from peft_shared_moe.parallel import _save_timeout
+
+    monkeypatch.setenv(SAVE_TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=f"{SAVE_TIMEOUT_ENV}='{value}'"):
+        _save_timeout()
