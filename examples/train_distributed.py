@@ -53,7 +53,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--output", default="runs/distributed", help="checkpoints and the final adapter")
     p.add_argument("--max-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8, help="per device and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; global batch = batch x accum x ranks")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step and device")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lora-r", "--r", dest="r", type=int, default=16, help="LoRA rank (--lora-r under torchrun)")
     p.add_argument("--lora-alpha", type=float, default=32)
