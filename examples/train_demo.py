@@ -134,6 +134,26 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test: l
     return {"accuracy": hits / len(test), "loss": completion_loss(model, tokenizer, test)}
 
 
+def training_arguments(args: argparse.Namespace, output_dir: str, **overrides) -> TrainingArguments:
+    """The optimisation the examples share (`args`: max_steps, batch_size, lr, seed): AdamW, cosine decay
+    after a 5 % warmup, no weight decay; the GPU when there is one; no reporting services (offline)."""
+    settings = dict(
+        output_dir=output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, args.max_steps // 20),
+        weight_decay=0.0,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        remove_unused_columns=False,  # keep "labels": PadCollator needs them
+        dataloader_num_workers=0,
+    )
+    return TrainingArguments(**{**settings, **overrides})
+
+
 def load_base(path: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
 
@@ -161,22 +181,8 @@ def main() -> int:
     model = peft.get_peft_model(base, cfg)
     model.print_trainable_parameters()
 
-    training_args = TrainingArguments(
-        output_dir=str(out / "trainer"),
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.max_steps // 20),
-        weight_decay=0.0,
-        logging_steps=max(1, args.max_steps // 25),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        seed=args.seed,
-        disable_tqdm=False,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
+    training_args = training_arguments(
+        args, str(out / "trainer"), logging_steps=max(1, args.max_steps // 25), save_strategy="no", disable_tqdm=False
     )
     trainer = Trainer(
         model=model,

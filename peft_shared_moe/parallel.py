@@ -21,7 +21,10 @@ does not divide) is refused with the dimension named.
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -242,3 +245,76 @@ def linear_sharding(linear: nn.Linear) -> Optional[Sharding]:
     if isinstance(p, Replicate):
         return None
     raise ParallelLayoutError(f"linear weight placed {p}; the adapter follows colwise (Shard(0)) or rowwise (Shard(1))")
+
+
+# ---- saving a sharded adapter -------------------------------------------------------------------------
+
+SAVE_TIMEOUT_ENV = "PEFT_SHARED_MOE_SAVE_TIMEOUT"
+DEFAULT_SAVE_TIMEOUT_S = 60.0
+_save_calls = itertools.count()  # the n-th gathering save of this process meets the n-th of every other rank
+
+
+class IncompleteSaveError(RuntimeError):
+    """A sharded adapter was saved by some ranks only; the message names the missing ranks and the fix."""
+
+
+def needs_gather(t: object) -> bool:
+    """A DTensor whose whole value no single rank holds (FSDP2 or TP/EP shards): reading it is a collective."""
+    return is_dtensor(t) and not all(isinstance(p, Replicate) for p in t.placements)
+
+
+def gather_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors for a file, from plain tensors or DTensors (FSDP2 shards, tensor/expert-parallel shards).
+
+    Gathering a shard is a collective, so every rank holding part of it must call `save_pretrained`
+    (with `is_main_process` choosing the writer). A rank that saves alone (`if rank == 0:
+    model.save_pretrained(...)`) would otherwise block in the first all-gather until the process
+    group's timeout (30 minutes under the Trainer), or pair it with whatever collective the other
+    ranks run next. Before any gather, each rank therefore checks in through the process group's
+    key-value store, which is no collective, and waits at most `PEFT_SHARED_MOE_SAVE_TIMEOUT`
+    seconds (default 60) for the others: past that, `IncompleteSaveError` names who is missing and
+    nothing is written.
+    """
+    sharded = {k: v for k, v in tensors.items() if needs_gather(v)}
+    if sharded:
+        _wait_for_every_saving_rank(sharded)
+    return {k: v.full_tensor() if is_dtensor(v) else v for k, v in tensors.items()}
+
+
+def _save_timeout() -> float:
+    raw = os.environ.get(SAVE_TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_SAVE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{SAVE_TIMEOUT_ENV}={raw!r}: expected a finite number of seconds > 0")
+    return value
+
+
+def _wait_for_every_saving_rank(sharded: dict[str, torch.Tensor]) -> None:
+    ranks = sorted({int(r) for t in sharded.values() for r in t.device_mesh.mesh.flatten().tolist()})
+    if len(ranks) < 2:
+        return
+    timeout = _save_timeout()
+    call = next(_save_calls)
+    me = dist.get_rank()
+    keys = {r: f"peft_shared_moe/save/{call}/rank{r}" for r in ranks}
+    store = dist.distributed_c10d._get_default_store()
+    store.set(keys[me], "1")
+    try:
+        store.wait(list(keys.values()), timedelta(seconds=timeout))
+    except RuntimeError as error:  # the store's timeout (DistStoreError)
+        missing = [r for r, key in keys.items() if not store.check([key])]
+        if not missing:  # everyone checked in: the store failed for another reason
+            raise
+        key, t = next(iter(sharded.items()))
+        raise IncompleteSaveError(
+            f"save_pretrained on rank {me}: rank(s) {missing} of {ranks} did not call it within {timeout:g} s "
+            f"({SAVE_TIMEOUT_ENV}). The adapter is sharded ({key}: {list(t.to_local().shape)} of "
+            f"{list(t.shape)} on this rank, placements {list(t.placements)}) and a file holds whole tensors, "
+            f"which takes every rank: call model.save_pretrained(path, is_main_process=rank == 0) on all ranks. "
+            f"No adapter file was written. ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from None

@@ -19,6 +19,7 @@ from ..parallel import (
     data_parallel_mesh,
     distribute_tensor,
     experts_sharding,
+    gather_for_save,
     is_dtensor,
     linear_sharding,
     local,
@@ -337,10 +338,11 @@ class SharedMoeLoraModel(BaseTuner):
 
     @classmethod
     def _get_adapter_state_dict(cls, model: nn.Module, config, adapter_name: str, state_dict, unwanted_adapter_names):
-        # A file holds whole tensors, whatever the parallelism: sharded factors are gathered (every rank
-        # must call save_pretrained, as with transformers' own TP models; is_main_process picks the writer).
+        # A file holds whole tensors, whatever the parallelism (FSDP2, TP, EP): sharded factors are gathered.
+        # Every rank must call save_pretrained (is_main_process picks the writer); one that saves alone gets
+        # IncompleteSaveError after a short wait instead of blocking in the gather.
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return {k: v.full_tensor() if is_dtensor(v) else v for k, v in selected.items()}
+        return gather_for_save(selected)
 
     @classmethod
     def check_adapter_state_dict(
