@@ -154,8 +154,8 @@ def training_arguments(args: argparse.Namespace, output_dir: str, **overrides) -
     return TrainingArguments(**{**settings, **overrides})
 
 
-def load_base(path: str) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+def load_base(path: str, **kwargs) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
 
 
 def main() -> int:

@@ -8,6 +8,8 @@ accelerate) picks the strategy from how it was launched:
     torchrun --nproc-per-node 2 examples/train_distributed.py             # DDP
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_distributed.py
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/train_distributed.py
+    torchrun --nproc-per-node 2 examples/train_distributed.py --parallel tp      # tensor parallel
+    torchrun --nproc-per-node 2 examples/train_distributed.py --parallel ep      # expert parallel
 
 Each rank reads its own slice of every global batch (batch x grad-accum x ranks rows per step), and
 the loss is the mean over all ranks' completion tokens (Trainer's `average_tokens_across_devices`):
@@ -60,12 +62,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=0, help="write a checkpoint every N steps (0: none)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output")
+    p.add_argument("--parallel", choices=["tp", "ep"], default=None,
+                   help="under torchrun: load the base tensor parallel (tp_plan='auto') or expert parallel")
     return p.parse_args(argv)
 
 
 def train_file(data: str) -> Path:
     path = Path(data)
     return path / "train.jsonl" if path.is_dir() else path
+
+
+def parallel_load_kwargs(parallel: Optional[str]) -> dict:
+    """How transformers shards the base while loading it; the adapter follows (docs/PARALLEL.md)."""
+    if parallel is None:
+        return {}
+    if parallel == "tp":
+        return {"tp_plan": "auto"}
+    from transformers.distributed import DistributedConfig
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if "ep_size" in DistributedConfig.__dataclass_fields__:  # transformers >= 5.21
+        return {"distributed_config": DistributedConfig(tp_size=world, ep_size=world)}
+    return {"distributed_config": DistributedConfig(tp_size=world, enable_expert_parallel=True)}
 
 
 def build_trainer(args: argparse.Namespace) -> Trainer:
@@ -131,9 +149,52 @@ def save_adapter(trainer: Trainer, output: str) -> Optional[dict]:
     }
 
 
+def train_sharded(args: argparse.Namespace) -> Optional[dict]:
+    """Tensor / expert parallel: every rank holds part of each layer and all see the same batch.
+
+    accelerate hands a model transformers sharded to the Trainer only through its
+    `ParallelismConfig` on GPUs, so this path is a plain loop over the same data, collator and
+    AdamW; the adapter's shards, their gradient sums and the gathered save are the library's.
+    """
+    import torch.distributed as dist
+
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    rows = [encode(tokenizer, ex) for ex in read_jsonl(train_file(args.data))]
+    cfg = SharedMoeLoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=None)
+    model = peft.get_peft_model(load_base(args.model, **parallel_load_kwargs(args.parallel)), cfg)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    collate = PadCollator(tokenizer.pad_token_id)
+    loss = torch.tensor(float("nan"))
+    for step in range(args.max_steps):
+        start = step * args.batch_size % max(len(rows) - args.batch_size, 1)
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + args.batch_size]).items()}
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    main_process = dist.get_rank() == 0
+    model.save_pretrained(args.output, is_main_process=main_process)  # every rank: gathering is collective
+    dist.barrier()
+    if not main_process:
+        return None
+    path = Path(args.output) / ADAPTER_FILE
+    with safe_open(path, framework="pt") as f:
+        keys = len(list(f.keys()))
+    return {"parallel": args.parallel, "world_size": dist.get_world_size(), "steps": args.max_steps,
+            "final_loss": loss.item(), "adapter_keys": keys,
+            "adapter_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "adapter": str(path)}
+
+
 def main() -> int:
     args = parse_args()
     hf_logging.set_verbosity_error()
+    if args.parallel:
+        report = train_sharded(args)
+        if report is not None:
+            print(json.dumps(report), flush=True)
+        return 0
     trainer = build_trainer(args)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     report = save_adapter(trainer, args.output)
