@@ -90,7 +90,10 @@ class Sharding:
 
     mesh: object
     split_dim: dict
-    style: str  # "tp", "ep" (experts), "colwise", "rowwise" (linears)
+    style: str  # "tp", "ep" (experts), "colwise", "rowwise", "replicated" (linears)
+    # TP x FSDP: the FSDP dim of a 2D (fsdp, tp) mesh, over which the factors (which FSDP does not
+    # manage, being added after it) are kept identical and their gradients averaged.
+    data_mesh: object = None
 
     @property
     def group(self):
@@ -137,14 +140,19 @@ def is_data_parallel_shard(param: torch.Tensor) -> bool:
     return bool(names) and all(n in DATA_PARALLEL_DIMS for n in names)
 
 
-def _one_dim_mesh(param: torch.Tensor, where: str):
+def _model_parallel_part(param: torch.Tensor, where: str):
+    """(mesh, placement, data mesh) of the model-parallel part of a DTensor's placement: its 1D mesh,
+    or the "tp" dim of transformers' 2D (fsdp, tp) mesh, whose "fsdp" dim is data parallel."""
     mesh = param.device_mesh
-    if mesh.ndim != 1:
-        raise ParallelLayoutError(
-            f"{where} is sharded over a {mesh.ndim}D device mesh {tuple(mesh.mesh.shape)} with placements "
-            f"{param.placements}; the adapter follows 1D tensor- or expert-parallel meshes only"
-        )
-    return mesh
+    if mesh.ndim == 1:
+        return mesh, param.placements[0], None
+    names = tuple(mesh.mesh_dim_names or ())
+    if mesh.ndim == 2 and names == ("fsdp", "tp"):
+        return mesh["tp"], param.placements[1], mesh["fsdp"]
+    raise ParallelLayoutError(
+        f"{where} is sharded over a {mesh.ndim}D device mesh {tuple(mesh.mesh.shape)} {names or ''} with placements "
+        f"{param.placements}; the adapter follows 1D tensor- or expert-parallel meshes and (fsdp, tp) meshes only"
+    )
 
 
 def _placement_name(p) -> str:
@@ -166,8 +174,9 @@ def average_grads_over(params: list[torch.Tensor], mesh) -> None:
     group, size = mesh.get_group(), mesh.size()
 
     def average(param: torch.Tensor) -> None:
-        dist.all_reduce(param.grad, group=group)
-        param.grad.div_(size)
+        grad = local(param.grad)
+        dist.all_reduce(grad, group=group)
+        grad.div_(size)
 
     for p in params:
         p.register_post_accumulate_grad_hook(average)
@@ -180,7 +189,7 @@ def broadcast_replicas(params: list[torch.Tensor], mesh) -> None:
     src = dist.get_global_rank(group, 0)
     with torch.no_grad():
         for p in params:
-            dist.broadcast(p.data, src=src, group=group)
+            dist.broadcast(local(p.data), src=src, group=group)
 
 
 def experts_sharding(experts: nn.Module, transposed: bool, concatenated: bool) -> Optional[Sharding]:
@@ -191,18 +200,18 @@ def experts_sharding(experts: nn.Module, transposed: bool, concatenated: bool) -
     name = type(experts).__name__
     if not (is_dtensor(gate_up) and is_dtensor(down)):
         raise ParallelLayoutError(f"{name}: gate_up_proj and down_proj must both be sharded, or neither")
-    mesh = _one_dim_mesh(gate_up, f"{name}.gate_up_proj")
-    (gu,), (dn,) = gate_up.placements, down.placements
-    _check_even(gate_up, f"{name}.gate_up_proj")
-    _check_even(down, f"{name}.down_proj")
-    if _is_shard(gu, 0) and _is_shard(dn, 0):  # whole experts per rank
+    mesh, gu, data_mesh = _model_parallel_part(gate_up, f"{name}.gate_up_proj")
+    _, dn, _ = _model_parallel_part(down, f"{name}.down_proj")
+    _check_even(gate_up, gu, mesh.size(), f"{name}.gate_up_proj")
+    _check_even(down, dn, mesh.size(), f"{name}.down_proj")
+    if _is_shard(gu, 0) and _is_shard(dn, 0) and data_mesh is None:  # whole experts per rank
         return Sharding(mesh, {"w1.lora_B": 0, "w3.lora_B": 0, "w2.lora_A": 0, "w1.lora_A": 0, "w3.lora_A": 0,
                                "w2.lora_B": 0}, "ep")
     inter_dim_gate_up = 2 if transposed else 1  # the 2I dim of gate_up_proj
     inter_dim_down = 1 if transposed else 2  # the I dim of down_proj
     packed = type(gu).__name__ == "_StridedShard" and gu.dim == inter_dim_gate_up and getattr(gu, "split_factor", 0) == 2
     if concatenated and packed and _is_shard(dn, inter_dim_down, strided_ok=False):
-        return Sharding(mesh, {"w1.lora_B": 1, "w3.lora_B": 1, "w2.lora_A": 2}, "tp")
+        return Sharding(mesh, {"w1.lora_B": 1, "w3.lora_B": 1, "w2.lora_A": 2}, "tp", data_mesh)
     raise ParallelLayoutError(
         f"{name}: gate_up_proj placed {_placement_name(gu)}{getattr(gu, 'dim', '')} and down_proj "
         f"{_placement_name(dn)}{getattr(dn, 'dim', '')}; the adapter follows packed-colwise gate_up / rowwise down "
@@ -210,16 +219,18 @@ def experts_sharding(experts: nn.Module, transposed: bool, concatenated: bool) -
     )
 
 
-def _check_even(param: torch.Tensor, where: str) -> None:
+def _check_even(param: torch.Tensor, placement, size: int, where: str) -> None:
     """Every rank must hold an equal slice: the factors are split into equal slices along the same dim."""
-    size = param.device_mesh.size()
-    for dim, (full, part) in enumerate(zip(param.shape, param.to_local().shape)):
-        if full != part and part * size != full:
-            raise ParallelLayoutError(
-                f"{where} {list(param.shape)} is split unevenly along dim {dim}: this rank holds {part} of {full}, "
-                f"not 1/{size}; the adapter's factors split into equal slices only (for a packed gate/up, the "
-                f"expert intermediate size must divide by {size})"
-            )
+    if getattr(placement, "dim", None) is None:  # Shard and _StridedShard have a dim (not always related types)
+        return
+    parts = size * getattr(placement, "split_factor", 1)  # a packed gate/up splits each half
+    length = param.shape[placement.dim]
+    if length % parts:
+        raise ParallelLayoutError(
+            f"{where} {list(param.shape)} is split unevenly along dim {placement.dim}: {length} does not divide by "
+            f"{size} ranks{' in each of its packed halves' if parts != size else ''}; the adapter's factors split "
+            f"into equal slices only (for a packed gate/up, the expert intermediate size must divide by {size})"
+        )
 
 
 def _is_shard(p, dim: int, strided_ok: bool = False) -> bool:
@@ -235,13 +246,12 @@ def linear_sharding(linear: nn.Linear) -> Optional[Sharding]:
     weight = linear.weight
     if not is_dtensor(weight) or is_data_parallel_shard(weight):
         return None
-    mesh = _one_dim_mesh(weight, "linear weight")
-    _check_even(weight, f"linear weight")
-    (p,) = weight.placements
+    mesh, p, data_mesh = _model_parallel_part(weight, "linear weight")
+    _check_even(weight, p, mesh.size(), "linear weight")
     if _is_shard(p, 0):
-        return Sharding(mesh, {"lora_B": 0}, "colwise")
+        return Sharding(mesh, {"lora_B": 0}, "colwise", data_mesh)
     if _is_shard(p, 1):
-        return Sharding(mesh, {"lora_A": 1}, "rowwise")
+        return Sharding(mesh, {"lora_A": 1}, "rowwise", data_mesh)
     if isinstance(p, Replicate):
         return None
     raise ParallelLayoutError(f"linear weight placed {p}; the adapter follows colwise (Shard(0)) or rowwise (Shard(1))")

@@ -37,6 +37,8 @@ def parallel_kwargs(mode: str, world: int) -> dict:
         return {"distributed_config": DistributedConfig(tp_size=world)}
     if mode == "fsdp_config":  # transformers shards for data parallelism before the adapter exists
         return {"distributed_config": DistributedConfig(fsdp_size=world)}
+    if mode == "tp_fsdp":  # a 2D (fsdp, tp) mesh: TP pairs, data parallel across them
+        return {"distributed_config": DistributedConfig(tp_size=2, fsdp_size=world // 2)}
     if mode == "ep":
         fields = DistributedConfig.__dataclass_fields__
         if "ep_size" in fields:  # transformers >= 5.21: experts on an EP mesh, attention tensor parallel
@@ -132,9 +134,11 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
     result: dict = {"mode": mode, "transformers": transformers.__version__, "world": world}
     config = SharedMoeLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
     ids = input_ids(batch=4, length=9).to(here)  # the global batch, which the reference trains on
-    # Data parallel: each rank trains on its own equal part, whose mean gradient is the global batch's.
-    data_parallel = mode == "fsdp_config"
-    rows = slice(rank * 2, rank * 2 + 2) if data_parallel else slice(None)
+    # Data parallel: each group of ranks trains on its own equal part; the mean gradient is the global batch's.
+    data_groups = {"fsdp_config": world, "tp_fsdp": world // 2}.get(mode, 1)  # ranks of one group share a batch
+    group = rank // (world // data_groups)
+    per_group = ids.shape[0] // data_groups
+    rows = slice(group * per_group, (group + 1) * per_group)
     ids_here = ids[rows]
     try:
         if mode == "refusals":

@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ["tp", "tp_config", "ep", "fsdp_config"]
 
 
-def run_ranks(mode: str, base_path: str, out: Path, gpus: bool) -> list[dict]:
+def run_ranks(mode: str, base_path: str, out: Path, gpus: bool, ranks: int = 2) -> list[dict]:
     with socket.socket() as probe:  # a free loopback port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
                "--master-addr", "127.0.0.1", "--master-port", str(port),
                str(ROOT / "tests" / "parallel_worker.py"), mode, base_path, str(out)]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -36,14 +36,14 @@ def run_ranks(mode: str, base_path: str, out: Path, gpus: bool) -> list[dict]:
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2) if (out / f"rank{r}.json").exists()]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks) if (out / f"rank{r}.json").exists()]
     errors = [r["error"] for r in results if "error" in r]
     assert done.returncode == 0 and not errors, errors or done.stderr[-4000:]
     return results
 
 
-def check(results: list[dict]) -> None:
-    assert len(results) == 2
+def check(results: list[dict], ranks: int = 2) -> None:
+    assert len(results) == ranks
     for r in results:
         print(r["mode"], "transformers", r["transformers"], {k: v for k, v in r.items() if k.endswith(("rel", "spread"))})
         if r["mode"] == "fsdp_config":  # data parallel: factors replicated, batches split
@@ -67,6 +67,17 @@ def check(results: list[dict]) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_parallel_on_two_cpu_processes(mode, qwen3_path, tmp_path):
     check(run_ranks(mode, qwen3_path, tmp_path, gpus=False))
+
+
+def test_tp_times_fsdp_on_four_cpu_processes(qwen3_path, tmp_path):
+    """DistributedConfig(tp_size=2, fsdp_size=2): a 2D (fsdp, tp) mesh; each TP pair trains on half the batch."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version("5.21"):
+        pytest.skip(f"transformers {transformers.__version__} builds tp_size x fsdp_size on a 1D mesh and fails in its "
+                    f"own loading (seen with 5.17); the (fsdp, tp) mesh is transformers >= 5.21")
+    check(run_ranks("tp_fsdp", qwen3_path, tmp_path, gpus=False, ranks=4), ranks=4)
 
 
 def test_unfollowable_layouts_are_refused(qwen3_path, tmp_path):

@@ -119,20 +119,22 @@ def shard_like_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> d
 
 
 def _align_replicas(model: nn.Module, adapter_name: str) -> None:
-    """In a parallel model every replica starts from rank 0's values: under FSDP (data parallel) the
-    factors stay plain tensors, broadcast; under tensor / expert parallelism they are all DTensors
-    (placed from rank 0), a linear the plan leaves whole included."""
+    """In a parallel model every replica starts from rank 0's values and takes the same steps.
+
+    Under tensor / expert parallelism every factor is a DTensor (placed from rank 0), a linear the
+    plan leaves whole included; on a 2D (fsdp, tp) mesh the FSDP ranks of one TP slice also start
+    alike and average their gradients. Under FSDP alone (transformers' `fsdp_size`, which shards the
+    model before the adapter exists and so never manages it) the factors stay plain tensors,
+    broadcast, with averaged gradients.
+    """
     layers = [m for m in model.modules() if isinstance(m, SharedMoeLoraLayer) and adapter_name in m.scaling]
-    plain = [p for m in layers for p in m.factor_params(adapter_name).values() if not is_dtensor(p)]
-    fsdp_mesh = data_parallel_mesh(model)
-    if fsdp_mesh is not None:
-        # transformers' DistributedConfig(fsdp_size=N) sharded the model before the adapter existed:
-        # FSDP does not manage the factors, so they are kept replicated and their gradients averaged.
-        broadcast_replicas(plain, fsdp_mesh)
-        average_grads_over(plain, fsdp_mesh)
-        return
-    meshes = [m.sharding.mesh for m in layers if m.sharding is not None]
-    if not meshes:
+    shardings = [m.sharding for m in layers if m.sharding is not None]
+    if not shardings:
+        fsdp_mesh = data_parallel_mesh(model)
+        if fsdp_mesh is not None:
+            plain = [p for m in layers for p in m.factor_params(adapter_name).values()]
+            broadcast_replicas(plain, fsdp_mesh)
+            average_grads_over(plain, fsdp_mesh)
         return
     for layer in layers:
         if layer.sharding is None:
@@ -141,7 +143,12 @@ def _align_replicas(model: nn.Module, adapter_name: str) -> None:
                     f"{type(layer.get_base_layer()).__name__}: an experts block left whole in a tensor / expert "
                     f"parallel model is not supported"
                 )
-            layer.replicate_on(meshes[0])
+            layer.replicate_on(shardings[0].mesh)
+    data_meshes = [s.data_mesh for s in shardings if s.data_mesh is not None]
+    if data_meshes:
+        factors = [p for m in layers for p in m.factor_params(adapter_name).values()]
+        broadcast_replicas(factors, data_meshes[0])
+        average_grads_over(factors, data_meshes[0])
 
 
 def _expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
