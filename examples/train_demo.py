@@ -134,9 +134,12 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test: l
     return {"accuracy": hits / len(test), "loss": completion_loss(model, tokenizer, test)}
 
 
-def training_arguments(args: argparse.Namespace, output_dir: str, **overrides) -> TrainingArguments:
+def training_arguments(
+    args: argparse.Namespace, output_dir: str, arguments_class: type = TrainingArguments, **overrides
+) -> TrainingArguments:
     """The optimisation the examples share (`args`: max_steps, batch_size, lr, seed): AdamW, cosine decay
-    after a 5 % warmup, no weight decay; the GPU when there is one; no reporting services (offline)."""
+    after a 5 % warmup, no weight decay; the GPU when there is one; no reporting services (offline).
+    `arguments_class`: a TrainingArguments subclass, e.g. TRL's SFTConfig."""
     settings = dict(
         output_dir=output_dir,
         max_steps=args.max_steps,
@@ -151,7 +154,7 @@ def training_arguments(args: argparse.Namespace, output_dir: str, **overrides) -
         remove_unused_columns=False,  # keep "labels": PadCollator needs them
         dataloader_num_workers=0,
     )
-    return TrainingArguments(**{**settings, **overrides})
+    return arguments_class(**{**settings, **overrides})
 
 
 def load_base(path: str, **kwargs) -> torch.nn.Module:

@@ -37,7 +37,7 @@ from typing import Optional
 import peft
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, Trainer, set_seed
+from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,6 +62,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-steps", type=int, default=0, help="write a checkpoint every N steps (0: none)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output")
+    p.add_argument("--trainer", choices=["hf", "trl"], default="hf",
+                   help="transformers' Trainer on our tokenization, or TRL's SFTTrainer on the raw prompt/completion rows")
     p.add_argument("--parallel", choices=["tp", "ep"], default=None,
                    help="under torchrun: load the base tensor parallel (tp_plan='auto') or expert parallel")
     return p.parse_args(argv)
@@ -86,19 +88,39 @@ def parallel_load_kwargs(parallel: Optional[str]) -> dict:
     return {"distributed_config": DistributedConfig(tp_size=world, enable_expert_parallel=True)}
 
 
+def sft_trainer_parts(args: argparse.Namespace, tokenizer) -> tuple[type, type, dict, dict]:
+    """TRL's SFTTrainer on the prompt/completion rows: TRL tokenizes them and computes the loss on the
+    completion only (its default for such rows), as our own `encode` does for the Trainer.
+    Returns the trainer and arguments classes, the data, and SFTConfig's own settings."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = Dataset.from_list(read_jsonl(train_file(args.data)))
+    settings = {"remove_unused_columns": True, "packing": False}  # TRL's collator reads its own columns
+    return SFTTrainer, SFTConfig, {"train_dataset": rows, "processing_class": tokenizer}, settings
+
+
 def build_trainer(args: argparse.Namespace) -> Trainer:
     """The adapter on the base model, and a Trainer that runs it on however many ranks were launched."""
     # Same seed on every rank, so every rank draws the same initial adapter: DDP would broadcast rank 0's
     # anyway, but FSDP2 shards each rank's own copy.
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    train = [encode(tokenizer, ex) for ex in read_jsonl(train_file(args.data))]
     cfg = SharedMoeLoraConfig(r=args.r, lora_alpha=args.lora_alpha, target_modules=None)  # experts + q/k/v/o
     model = peft.get_peft_model(load_base(args.model), cfg)
+    if args.trainer == "trl":
+        trainer_class, arguments_class, data, own_settings = sft_trainer_parts(args, tokenizer)
+    else:
+        trainer_class, arguments_class, own_settings = Trainer, TrainingArguments, {}
+        data = {
+            "train_dataset": [encode(tokenizer, ex) for ex in read_jsonl(train_file(args.data))],
+            "data_collator": PadCollator(tokenizer.pad_token_id),
+        }
 
     training_args = training_arguments(
         args,
         args.output,
+        arguments_class,
         gradient_accumulation_steps=args.grad_accum,
         logging_steps=1,
         save_strategy="steps" if args.save_steps else "no",
@@ -108,13 +130,9 @@ def build_trainer(args: argparse.Namespace) -> Trainer:
         average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,  # every factor takes part in every step (unrouted experts: zero grads)
         disable_tqdm=True,
+        **own_settings,
     )
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        data_collator=PadCollator(tokenizer.pad_token_id),
-    )
+    trainer = trainer_class(model=model, args=training_args, **data)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
         # accelerate enables FSDP for accelerator devices only; elsewhere it would quietly run DDP.
         raise RuntimeError(

@@ -86,12 +86,12 @@ def trainer_ranks(launch_prefix: list[str], out: Path, gpus: bool, *extra: str) 
     return run_ranks([*launch_prefix, *args, *extra], out, environment(gpus))
 
 
-def one_process(out: Path, gpus: bool, micro_batches: int) -> dict[str, torch.Tensor]:
+def one_process(out: Path, gpus: bool, micro_batches: int, *extra: str) -> dict[str, torch.Tensor]:
     """The example as one process (one GPU, or the CPU) on the 2-rank run's global batch, as one batch
     (`micro_batches=1`) or as the ranks' two parts accumulated (2): its saved adapter."""
     env = environment(gpus, **({"CUDA_VISIBLE_DEVICES": "0"} if gpus else {}))
     batch = ["--batch-size", str(2 * PER_RANK // micro_batches), "--grad-accum", str(micro_batches)]
-    done = run([sys.executable, str(EXAMPLE), "--output", str(out), *batch, *TRAIN], env)
+    done = run([sys.executable, str(EXAMPLE), "--output", str(out), *batch, *TRAIN, *extra], env)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["world_size"] == 1 and report["steps"] == STEPS
@@ -162,6 +162,21 @@ def test_ddp_through_accelerate_equals_one_process(ddp_run, references):
     _, results, tensors = ddp_run
     assert {r["distributed_type"] for r in results} == {"DistributedType.MULTI_CPU"}
     check_trainer_ranks(results, tensors, references, fsdp=False, gpus=False)
+
+
+def test_ddp_with_trl_sft_trainer_equals_one_process(tmp_path):
+    """TRL's SFTTrainer (`--trainer trl`) under torchrun DDP: both ranks hold the adapter of one process
+    accumulating their two micro-batches, and rank 0 saves exactly that, whole."""
+    pytest.importorskip("trl")
+    results, tensors = trainer_ranks(torchrun(), tmp_path / "ddp", False, "--trainer", "trl")
+    reference = one_process(tmp_path / "one", False, 2, "--trainer", "trl")
+    ranks = [t["adapter"] for t in tensors]
+    assert ranks[0].keys() == ranks[1].keys() == reference.keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in reference)
+    assert min(reference[k].norm().item() for k in reference if ".lora_B." in k) > 0
+    assert same_adapter_rel(ranks[0], reference, gpus=False) <= 1e-5
+    saved = load_file(results[0]["report"]["adapter"])
+    assert all(torch.equal(saved[k], ranks[0][k]) for k in reference)
 
 
 def check_resume(uninterrupted: Path, finished: list[dict], launch_prefix: list[str], out: Path, gpus: bool) -> None:
