@@ -8,6 +8,7 @@ accelerate) picks the strategy from how it was launched:
     torchrun --nproc-per-node 2 examples/train_distributed.py             # DDP
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_distributed.py
     accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/train_distributed.py
+    torchrun --nproc-per-node 2 examples/train_distributed.py --trainer trl      # TRL's SFTTrainer, DDP
     torchrun --nproc-per-node 2 examples/train_distributed.py --parallel tp      # tensor parallel
     torchrun --nproc-per-node 2 examples/train_distributed.py --parallel ep      # expert parallel
 
