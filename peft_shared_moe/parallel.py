@@ -91,9 +91,11 @@ class Sharding:
     mesh: object
     split_dim: dict
     style: str  # "tp", "ep" (experts), "colwise", "rowwise", "replicated" (linears)
-    # TP x FSDP: the FSDP dim of a 2D (fsdp, tp) mesh, over which the factors (which FSDP does not
-    # manage, being added after it) are kept identical and their gradients averaged.
+    # A 2D mesh's data-parallel dim ((fsdp, tp): fsdp; (efsdp, ep): efsdp), over which the factors
+    # (which FSDP does not manage, being added after it) are kept identical; their gradients are summed
+    # over it and divided by `data_divisor`, the number of batches they cover (docs/PARALLEL.md).
     data_mesh: object = None
+    data_divisor: int = 1
 
     @property
     def group(self):
@@ -147,11 +149,11 @@ def _model_parallel_part(param: torch.Tensor, where: str):
     if mesh.ndim == 1:
         return mesh, param.placements[0], None
     names = tuple(mesh.mesh_dim_names or ())
-    if mesh.ndim == 2 and names == ("fsdp", "tp"):
-        return mesh["tp"], param.placements[1], mesh["fsdp"]
+    if mesh.ndim == 2 and names in (("fsdp", "tp"), ("efsdp", "ep")):
+        return mesh[names[1]], param.placements[1], mesh[names[0]]
     raise ParallelLayoutError(
         f"{where} is sharded over a {mesh.ndim}D device mesh {tuple(mesh.mesh.shape)} {names or ''} with placements "
-        f"{param.placements}; the adapter follows 1D tensor- or expert-parallel meshes and (fsdp, tp) meshes only"
+        f"{param.placements}; the adapter follows 1D tensor- or expert-parallel meshes, (fsdp, tp) and (efsdp, ep)"
     )
 
 
@@ -167,11 +169,12 @@ def data_parallel_mesh(model: nn.Module):
     return None
 
 
-def average_grads_over(params: list[torch.Tensor], mesh) -> None:
+def average_grads_over(params: list[torch.Tensor], mesh, divisor: Optional[int] = None) -> None:
     """Data parallelism for factors added after FSDP wrapped the model (which then leaves them out):
-    each rank's gradient, of its own batch, is replaced by the mean over the ranks, as FSDP does for
-    the parameters it manages, so every replica takes the same step."""
-    group, size = mesh.get_group(), mesh.size()
+    each rank's gradient, of its own batch, is replaced by the sum over `mesh` divided by `divisor`
+    (default: the mean over the ranks, as FSDP does for the parameters it manages), so every replica
+    takes the same step."""
+    group, size = mesh.get_group(), divisor or mesh.size()
 
     def average(param: torch.Tensor) -> None:
         grad = local(param.grad)
@@ -204,19 +207,38 @@ def experts_sharding(experts: nn.Module, transposed: bool, concatenated: bool) -
     _, dn, _ = _model_parallel_part(down, f"{name}.down_proj")
     _check_even(gate_up, gu, mesh.size(), f"{name}.gate_up_proj")
     _check_even(down, dn, mesh.size(), f"{name}.down_proj")
-    if _is_shard(gu, 0) and _is_shard(dn, 0) and data_mesh is None:  # whole experts per rank
+    if _is_shard(gu, 0) and _is_shard(dn, 0):  # whole experts per rank
+        # Under FSDP an EP group's experts see the tokens of several batches; like transformers does for
+        # the experts themselves, the gradient summed over the group is divided by the number of batches.
+        divisor = _data_parallel_size(experts) if data_mesh is not None else 1
         return Sharding(mesh, {"w1.lora_B": 0, "w3.lora_B": 0, "w2.lora_A": 0, "w1.lora_A": 0, "w3.lora_A": 0,
-                               "w2.lora_B": 0}, "ep")
+                               "w2.lora_B": 0}, "ep", data_mesh, divisor)
     inter_dim_gate_up = 2 if transposed else 1  # the 2I dim of gate_up_proj
     inter_dim_down = 1 if transposed else 2  # the I dim of down_proj
     packed = type(gu).__name__ == "_StridedShard" and gu.dim == inter_dim_gate_up and getattr(gu, "split_factor", 0) == 2
     if concatenated and packed and _is_shard(dn, inter_dim_down, strided_ok=False):
-        return Sharding(mesh, {"w1.lora_B": 1, "w3.lora_B": 1, "w2.lora_A": 2}, "tp", data_mesh)
+        return Sharding(mesh, {"w1.lora_B": 1, "w3.lora_B": 1, "w2.lora_A": 2}, "tp", data_mesh, _size(data_mesh))
     raise ParallelLayoutError(
         f"{name}: gate_up_proj placed {_placement_name(gu)}{getattr(gu, 'dim', '')} and down_proj "
         f"{_placement_name(dn)}{getattr(dn, 'dim', '')}; the adapter follows packed-colwise gate_up / rowwise down "
         f"(tensor parallel, [gate; up] layout) or experts split on dim 0 (expert parallel)"
     )
+
+
+def _size(mesh) -> int:
+    return 1 if mesh is None else mesh.size()
+
+
+def _data_parallel_size(experts: nn.Module) -> int:
+    """How many different batches the model trains on at once (transformers' `DistributedConfig.dp_size`)."""
+    distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
+    size = getattr(distributed, "dp_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise ParallelLayoutError(
+            f"{type(experts).__name__} is expert parallel over an FSDP mesh, but its config has no "
+            f"distributed_config.dp_size to scale the adapter's gradients by"
+        )
+    return size
 
 
 def _check_even(param: torch.Tensor, placement, size: int, where: str) -> None:
@@ -249,9 +271,9 @@ def linear_sharding(linear: nn.Linear) -> Optional[Sharding]:
     mesh, p, data_mesh = _model_parallel_part(weight, "linear weight")
     _check_even(weight, p, mesh.size(), "linear weight")
     if _is_shard(p, 0):
-        return Sharding(mesh, {"lora_B": 0}, "colwise", data_mesh)
+        return Sharding(mesh, {"lora_B": 0}, "colwise", data_mesh, _size(data_mesh))
     if _is_shard(p, 1):
-        return Sharding(mesh, {"lora_A": 1}, "rowwise", data_mesh)
+        return Sharding(mesh, {"lora_A": 1}, "rowwise", data_mesh, _size(data_mesh))
     if isinstance(p, Replicate):
         return None
     raise ParallelLayoutError(f"linear weight placed {p}; the adapter follows colwise (Shard(0)) or rowwise (Shard(1))")

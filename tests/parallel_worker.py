@@ -2,7 +2,7 @@
 
 Every rank builds the same adapter on one device (the reference) and on the model transformers
 shards (`mode`: "tp" = tp_plan="auto", "tp_config" = DistributedConfig(tp_size=N), "ep" = expert
-parallel), then compares, in float32: logits, adapter gradients, the adapter after 3 AdamW steps,
+parallel, "fsdp_config" / "ep_fsdp" / "tp_fsdp" = FSDP alone, with EP, with TP; see `parallel_kwargs`), then compares, in float32: logits, adapter gradients, the adapter after 3 AdamW steps,
 greedy generate, and the adapter saved from the sharded model reloaded on one device. It writes
 the measured differences to `out_dir/rank{r}.json`; the test asserts on them.
 """
@@ -37,6 +37,8 @@ def parallel_kwargs(mode: str, world: int) -> dict:
         return {"distributed_config": DistributedConfig(tp_size=world)}
     if mode == "fsdp_config":  # transformers shards for data parallelism before the adapter exists
         return {"distributed_config": DistributedConfig(fsdp_size=world)}
+    if mode == "ep_fsdp":  # experts on a 2D (efsdp, ep) mesh, attention FSDP: every rank its own batch
+        return {"distributed_config": DistributedConfig(fsdp_size=world, ep_size=world)}
     if mode == "tp_fsdp":  # a 2D (fsdp, tp) mesh: TP pairs, data parallel across them
         return {"distributed_config": DistributedConfig(tp_size=2, fsdp_size=world // 2)}
     if mode == "ep":
@@ -90,11 +92,9 @@ def replica_spread(model) -> float:
     return worst
 
 
-def refusals(base_path: str, out_dir: str, world: int) -> dict:
+def refusals(base_path: str, out_dir: str) -> dict:
     """Layouts the adapter cannot follow exactly: each refused at get_peft_model, naming why, and
     the model left without any adapter layer."""
-    from transformers.distributed import DistributedConfig
-
     from peft_shared_moe.parallel import ParallelLayoutError
     from peft_shared_moe.tuners import SharedMoeLoraLayer
     from tests.conftest import qwen3_moe_config, save_random_model
@@ -108,9 +108,6 @@ def refusals(base_path: str, out_dir: str, world: int) -> dict:
         "uneven": (uneven_path, {"tp_plan": "auto"}, SharedMoeLoraConfig(r=4)),
         "dropout": (base_path, {"tp_plan": "auto"}, SharedMoeLoraConfig(r=4, lora_dropout=0.1)),
     }
-    if "ep_size" in DistributedConfig.__dataclass_fields__:  # experts on a 2D (efsdp, ep) mesh
-        cases["mesh2d"] = (base_path, {"distributed_config": DistributedConfig(fsdp_size=world, ep_size=world)},
-                           SharedMoeLoraConfig(r=4))
     for name, (path, kwargs, config) in cases.items():
         model = load(path, dtype=torch.float32, **kwargs)
         try:
@@ -135,14 +132,14 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
     config = SharedMoeLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
     ids = input_ids(batch=4, length=9).to(here)  # the global batch, which the reference trains on
     # Data parallel: each group of ranks trains on its own equal part; the mean gradient is the global batch's.
-    data_groups = {"fsdp_config": world, "tp_fsdp": world // 2}.get(mode, 1)  # ranks of one group share a batch
+    data_groups = {"fsdp_config": world, "ep_fsdp": world, "tp_fsdp": world // 2}.get(mode, 1)  # ranks of one group share a batch
     group = rank // (world // data_groups)
     per_group = ids.shape[0] // data_groups
     rows = slice(group * per_group, (group + 1) * per_group)
     ids_here = ids[rows]
     try:
         if mode == "refusals":
-            result.update(refusals(base_path, out_dir, world))
+            result.update(refusals(base_path, out_dir))
             return
         # bf16 base: the factors are upcast to float32 (PEFT's default), shards included, and train
         half = get_peft_model(load(base_path, dtype=torch.bfloat16, **parallel_kwargs(mode, world)), config)

@@ -136,6 +136,9 @@ def _align_replicas(model: nn.Module, adapter_name: str) -> None:
             broadcast_replicas(plain, fsdp_mesh)
             average_grads_over(plain, fsdp_mesh)
         return
+    # Linears the plan leaves whole: the same batch on every rank, unless FSDP alone shards them
+    # (expert parallel with FSDP), where each rank has its own batch and they average their gradients.
+    dense_fsdp_mesh = data_parallel_mesh(model)
     for layer in layers:
         if layer.sharding is None:
             if not isinstance(layer, LinearLoraLayer):
@@ -143,12 +146,14 @@ def _align_replicas(model: nn.Module, adapter_name: str) -> None:
                     f"{type(layer.get_base_layer()).__name__}: an experts block left whole in a tensor / expert "
                     f"parallel model is not supported"
                 )
-            layer.replicate_on(shardings[0].mesh)
-    data_meshes = [s.data_mesh for s in shardings if s.data_mesh is not None]
-    if data_meshes:
-        factors = [p for m in layers for p in m.factor_params(adapter_name).values()]
-        broadcast_replicas(factors, data_meshes[0])
-        average_grads_over(factors, data_meshes[0])
+            layer.replicate_on(dense_fsdp_mesh or shardings[0].mesh)
+            if dense_fsdp_mesh is not None:
+                layer.sharding = replace(layer.sharding, data_mesh=dense_fsdp_mesh, data_divisor=dense_fsdp_mesh.size())
+    for layer in layers:
+        if layer.sharding.data_mesh is not None:
+            factors = list(layer.factor_params(adapter_name).values())
+            broadcast_replicas(factors, layer.sharding.data_mesh)
+            average_grads_over(factors, layer.sharding.data_mesh, layer.sharding.data_divisor)
 
 
 def _expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
