@@ -33,7 +33,7 @@ PEFT_TYPE = SharedMoePeftType.SHARED_MOE_LORA
 # The router (`gate`) and `lm_head` are never targeted by default.
 DEFAULT_TARGET_MODULES = ("experts", "q_proj", "k_proj", "v_proj", "o_proj")
 EXPERTS_TARGET = "experts"
-BACKENDS = ("auto", "torch", "loop", "triton")
+BACKENDS = ("auto", "torch", "loop", "triton", "torch_fused")
 LOADING_NOTE = (
     "## Loading this adapter\n\n"
     "This is a `SHARED_MOE_LORA` adapter (shared-outer MoE LoRA). Run `import peft_shared_moe` before\n"
@@ -234,13 +234,15 @@ class SharedMoeLoraConfig(PeftConfig):
         default=True,
         metadata={"help": "True: A random (Kaiming-uniform), B zero, so a fresh adapter is the identity. False: both random."},
     )
-    backend: Literal["auto", "torch", "loop", "triton"] = field(
+    backend: Literal["auto", "torch", "loop", "triton", "torch_fused"] = field(
         default="auto",
         metadata={
             "help": (
                 "Experts compute path. 'torch': grouped GEMMs with autograd (exact per-expert loop where grouped_mm "
                 "cannot run, e.g. float64); 'loop': always the per-expert loop; 'triton': the fused inference "
-                "kernels (no autograd); 'auto': Triton for CUDA inference, torch otherwise."
+                "kernels (no autograd); 'torch_fused': training as one autograd function with a hand-written "
+                "backward that keeps fewer activations (frozen base, [gate; up] SiLU experts; refuses others); "
+                "'auto': Triton for CUDA inference, torch otherwise."
             )
         },
     )

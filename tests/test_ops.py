@@ -70,8 +70,9 @@ def test_experts_forward_matches_naive_loop(backend, shared, T, k, experts_used)
     assert rel_err(base_only, want) > 1e-3  # the adapter really changes the output
 
 
+@pytest.mark.parametrize("backend", ["loop", "torch_fused"])  # autograd through the loop; the hand-written backward
 @pytest.mark.parametrize("shared", [True, False])
-def test_gradcheck_float64(shared):
+def test_gradcheck_float64(shared, backend):
     x, idx, w, gate_up, down, factors = make_problem(5, 2, shared, torch.float64, seed=3, experts_used=4)
     names = list(factors)
     leaves = [x, w] + [factors[n] for n in names]
@@ -79,7 +80,7 @@ def test_gradcheck_float64(shared):
         t.requires_grad_(True)
 
     def fn(x, w, *fs):
-        return EXPERTS_BACKENDS["loop"](x, idx, w, gate_up, down, F.silu, lora=as_lora(dict(zip(names, fs)), 0.5))
+        return EXPERTS_BACKENDS[backend](x, idx, w, gate_up, down, F.silu, lora=as_lora(dict(zip(names, fs)), 0.5))
 
     assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-6)
 

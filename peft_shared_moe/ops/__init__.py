@@ -1,7 +1,8 @@
 """The math of the library: experts compute backends behind one switch, chosen by name.
 
 `EXPERTS_BACKENDS` maps a name to a function with the contract of `torch_experts.experts_forward`
-(minus `linear`): "torch" (grouped GEMMs, autograd), "loop" (exact per-expert loop), and "triton"
+(minus `linear`): "torch" (grouped GEMMs, autograd), "loop" (exact per-expert loop), "torch_fused"
+(training as one autograd function that keeps fewer activations, `train_experts.py`), and "triton"
 (fused inference kernels) where triton imports. `resolve_backend("auto", ...)` picks per call.
 
 Every backend takes `fn(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn, lora=,
@@ -22,12 +23,14 @@ from torch import nn
 from .experts_layout import ExpertsLayout, UnsupportedExpertsError, describe_experts, gate_function
 from .routing import ExpertRouting, sort_pairs_by_expert
 from .torch_experts import ExpertLoraFactors, experts_forward, grouped_mm_linear, loop_grouped_linear
+from .train_experts import train_experts_forward
 
 ExpertsBackend = Callable[..., torch.Tensor]
 
 EXPERTS_BACKENDS: dict[str, ExpertsBackend] = {
     "torch": partial(experts_forward, linear=grouped_mm_linear),
     "loop": partial(experts_forward, linear=loop_grouped_linear),
+    "torch_fused": train_experts_forward,
 }
 
 try:
