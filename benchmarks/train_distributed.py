@@ -91,8 +91,15 @@ def add_adapter(model, impl: str):
     import peft_shared_moe  # noqa: F401
     from peft_shared_moe import SharedMoeLoraConfig
 
-    if impl == "ours":
-        config = SharedMoeLoraConfig(r=R, lora_alpha=R, target_modules=["experts", *ATTENTION], init_lora_weights=False)
+    if impl == "frozen_base":  # no adapter: the backward still runs through every layer, for the inputs
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
+    if impl in ("ours", "ours_torch_fused"):
+        backend = "torch_fused" if impl == "ours_torch_fused" else "auto"
+        config = SharedMoeLoraConfig(r=R, lora_alpha=R, target_modules=["experts", *ATTENTION],
+                                     init_lora_weights=False, backend=backend)
     else:
         config = LoraConfig(r=R, lora_alpha=R, target_modules=ATTENTION,
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -138,7 +145,7 @@ def one_run(args) -> None:
             fully_shard(layer)
         fully_shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
     shared_batch = args.mode in ("tp", "ep")
     gen = torch.Generator(device="cuda").manual_seed(0 if shared_batch else rank)
     ids = torch.randint(0, 151936, (args.batch, args.seq), device="cuda", generator=gen)
@@ -146,8 +153,9 @@ def one_run(args) -> None:
     def step() -> None:
         loss = trained(input_ids=ids, labels=ids).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(args.warmup):
         step()
@@ -175,13 +183,14 @@ def one_run(args) -> None:
         dist.destroy_process_group()
 
 
-def run_all(args) -> None:
+def run_all(args, table: list[tuple] = ROWS) -> list[dict]:
+    """Each row of `table` (see ROWS) in its own torchrun; writes and returns the results."""
     from benchmarks.common import write_result
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="train_distributed-"))
     work.mkdir(parents=True, exist_ok=True)
     row_file = work / "rows.jsonl"
-    rows = [r for i, r in enumerate(ROWS) if r[1] <= torch.cuda.device_count() and (args.rows is None or i in args.rows)]
+    rows = [r for i, r in enumerate(table) if r[1] <= torch.cuda.device_count() and (args.rows is None or i in args.rows)]
     for mode, gpus, layers, seq, batch, impl, ckpt in rows:
         checkpoint = work / f"checkpoint-{layers}"
         if mode in ("tp", "ep"):
@@ -207,6 +216,7 @@ def run_all(args) -> None:
             r["scaling_efficiency"] = round(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], 3)
             r["memory_vs_single"] = round(r["peak_gib_per_gpu"] / base["peak_gib_per_gpu"], 3)
     print(write_result(args.name, results))
+    return results
 
 
 def main() -> None:
@@ -215,7 +225,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--impl", choices=["ours", "peft_target_parameters"], default="ours")
+    p.add_argument("--impl", choices=["ours", "ours_torch_fused", "peft_target_parameters", "frozen_base"], default="ours")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
