@@ -132,6 +132,21 @@ def _saved_bytes(backend: str, shared: bool) -> int:
 
 
 @pytest.mark.parametrize("shared", [True, False])
+def test_factor_gradients_when_neither_input_nor_weights_need_one(shared):
+    """The first layer's input and a frozen router need no gradient: the backward skips theirs (the largest
+    GEMM) and the factors' gradients are unchanged."""
+    x, idx, w, gate_up, down, factors = make_problem(9, 2, shared, torch.float64, seed=4, experts_used=4)
+    for t in factors.values():
+        t.requires_grad_(True)
+    probe = torch.randn(9, H, dtype=torch.float64)
+    got = fused(x, idx, w, gate_up, down, F.silu, lora=as_lora(factors, 0.6), layout=LAYOUT)
+    want = naive_moe_lora(x, idx, w, gate_up, down, factors, 0.6)
+    for name, a, b in zip(factors, torch.autograd.grad((got * probe).sum(), list(factors.values())),
+                          torch.autograd.grad((want * probe).sum(), list(factors.values()))):
+        assert rel_err(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("shared", [True, False])
 def test_keeps_fewer_activations_than_autograd(shared):
     fused_bytes, torch_bytes = _saved_bytes("torch_fused", shared), _saved_bytes("torch", shared)
     print(f"saved for backward: torch_fused {fused_bytes} B, torch {torch_bytes} B")

@@ -117,9 +117,12 @@ class ExpertsLoraFunction(torch.autograd.Function):
         gate, up = pre.split(pre.shape[1] // 2, dim=-1)
         silu, silu_grad = _silu_and_grad(gate)
         h = silu * up
-        grad_w = torch.empty_like(routing.weight_of_pair, dtype=dtype).index_copy_(
-            0, routing.pair_order, (h * g).sum(-1)
-        ).view(num_tokens, top_k)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        grad_w = None
+        if need_w:  # d out / d w_k = <h_k, g_k>: no down output kept
+            grad_w = torch.empty_like(routing.weight_of_pair, dtype=dtype).index_copy_(
+                0, routing.pair_order, (h * g).sum(-1)
+            ).view(num_tokens, top_k).to(top_k_weights.dtype)
         dh = g * w_pairs  # (S, I)
 
         # down factors
@@ -138,20 +141,24 @@ class ExpertsLoraFunction(torch.autograd.Function):
         da_pairs = s * torch.cat(
             [linear(d_gate, b_gate.transpose(1, 2), routing), linear(d_up, b_up.transpose(1, 2), routing)], dim=-1
         )  # (S, 2r)
-        dx_pairs = linear(d_pre, gate_up.transpose(1, 2), routing)  # (S, H)
+        # the input's gradient (the largest GEMM of the backward) only where the input needs one
+        dx_pairs = linear(d_pre, gate_up.transpose(1, 2), routing) if need_x else None  # (S, H)
+        dx = None
         if shared_in:
             da_tokens = _pairs_to_tokens(da_pairs, routing)  # (T, 2r)
             grad_a_gate = (da_tokens[:, :rank].t() @ x).unsqueeze(0)
             grad_a_up = (da_tokens[:, rank:].t() @ x).unsqueeze(0)
-            dx = _pairs_to_tokens(dx_pairs, routing) + da_tokens[:, :rank] @ a_gate[0] + da_tokens[:, rank:] @ a_up[0]
+            if need_x:
+                dx = _pairs_to_tokens(dx_pairs, routing) + da_tokens[:, :rank] @ a_gate[0] + da_tokens[:, rank:] @ a_up[0]
         else:
             x_pairs = x[routing.token_of_pair]
             grad_a_gate = grouped_weight_grad(da_pairs[:, :rank], x_pairs, routing)
             grad_a_up = grouped_weight_grad(da_pairs[:, rank:], x_pairs, routing)
-            dx_pairs = dx_pairs + linear(da_pairs[:, :rank], a_gate.transpose(1, 2), routing)
-            dx_pairs = dx_pairs + linear(da_pairs[:, rank:], a_up.transpose(1, 2), routing)
-            dx = _pairs_to_tokens(dx_pairs, routing)
-        return (dx.to(ctx.hidden_dtype), None, grad_w.to(top_k_weights.dtype), None, None,
+            if need_x:
+                dx_pairs = dx_pairs + linear(da_pairs[:, :rank], a_gate.transpose(1, 2), routing)
+                dx_pairs = dx_pairs + linear(da_pairs[:, rank:], a_up.transpose(1, 2), routing)
+                dx = _pairs_to_tokens(dx_pairs, routing)
+        return (None if dx is None else dx.to(ctx.hidden_dtype), None, grad_w, None, None,
                 grad_a_gate, grad_a_up, grad_b_gate, grad_b_up, grad_a_down, grad_b_down, None, None)
 
 
