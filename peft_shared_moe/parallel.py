@@ -15,8 +15,10 @@ base is split (docs/PARALLEL.md derives each rule), and every forward computes o
 
 A replicated factor gets a partial gradient on every rank (each rank sees only its shard of the
 product it feeds); `SumGradOver` sums it in the backward, once per use, so every replica receives the
-same, full gradient and stays identical. Anything else (2D meshes, other placements, a size that
-does not divide) is refused with the dimension named.
+same, full gradient and stays identical. Data parallelism that shards the model before the adapter
+exists (transformers' `fsdp_size`, alone or as the data dim of an (fsdp, tp) or (efsdp, ep) mesh)
+never manages the factors: they start alike and their gradients are averaged over the data ranks.
+Anything else (other meshes or placements, a size that does not divide) is refused, naming it.
 """
 
 from __future__ import annotations
