@@ -47,6 +47,11 @@ def is_dtensor(t: object) -> bool:
     return bool(DTensor) and isinstance(t, DTensor)
 
 
+def is_replicated(t: object) -> bool:
+    """A DTensor every rank holds whole (a replicated factor, whose gradient each rank sees only part of)."""
+    return is_dtensor(t) and all(isinstance(p, Replicate) for p in t.placements)
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (sharing its storage and autograd), or the tensor itself."""
     return t.to_local() if is_dtensor(t) else t
@@ -62,7 +67,7 @@ class SumGradOver(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # never reduce into autograd's own buffer
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
@@ -72,7 +77,7 @@ class SumOver(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        x = x.contiguous().clone()
+        x = x.clone(memory_format=torch.contiguous_format)  # one copy, which the all-reduce overwrites
         dist.all_reduce(x, group=group)
         return x
 
@@ -128,8 +133,7 @@ class Sharding:
     def local_for_compute(self, param: torch.Tensor) -> torch.Tensor:
         """The local shard a forward computes with; a replicated factor's gradient is summed over ranks."""
         shard = local(param)
-        replicated = is_dtensor(param) and all(isinstance(p, Replicate) for p in param.placements)
-        if replicated and torch.is_grad_enabled() and param.requires_grad:
+        if is_replicated(param) and torch.is_grad_enabled() and param.requires_grad:
             shard = SumGradOver.apply(shard, self.group)
         return shard
 
@@ -185,6 +189,18 @@ def average_grads_over(params: list[torch.Tensor], mesh, divisor: Optional[int] 
 
     for p in params:
         p.register_post_accumulate_grad_hook(average)
+        p._shared_moe_grad_hook = average  # carried over by `recast_parameter`
+
+
+def recast_parameter(param: nn.Parameter, dtype: torch.dtype) -> nn.Parameter:
+    """`param` in `dtype` as a new parameter (shards and all: `param.data = ...` would change only a
+    DTensor's declared dtype), keeping the gradient averaging `average_grads_over` gave it."""
+    new = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+    hook = getattr(param, "_shared_moe_grad_hook", None)
+    if hook is not None:
+        new.register_post_accumulate_grad_hook(hook)
+        new._shared_moe_grad_hook = hook
+    return new
 
 
 def broadcast_replicas(params: list[torch.Tensor], mesh) -> None:
@@ -294,7 +310,7 @@ class IncompleteSaveError(RuntimeError):
 
 def needs_gather(t: object) -> bool:
     """A DTensor whose whole value no single rank holds (FSDP2 or TP/EP shards): reading it is a collective."""
-    return is_dtensor(t) and not all(isinstance(p, Replicate) for p in t.placements)
+    return is_dtensor(t) and not is_replicated(t)
 
 
 def gather_for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -108,6 +108,11 @@ def refusals(base_path: str, out_dir: str) -> dict:
         "uneven": (uneven_path, {"tp_plan": "auto"}, SharedMoeLoraConfig(r=4)),
         "dropout": (base_path, {"tp_plan": "auto"}, SharedMoeLoraConfig(r=4, lora_dropout=0.1)),
     }
+    from transformers.distributed import DistributedConfig
+
+    if "ep_size" not in DistributedConfig.__dataclass_fields__:  # 5.17's EP leaves attention whole, one batch
+        cases["dropout_whole"] = (base_path, {"distributed_config": DistributedConfig(
+            tp_size=dist.get_world_size(), enable_expert_parallel=True)}, SharedMoeLoraConfig(r=4, lora_dropout=0.1))
     for name, (path, kwargs, config) in cases.items():
         model = load(path, dtype=torch.float32, **kwargs)
         try:
@@ -147,6 +152,7 @@ def main(mode: str, base_path: str, out_dir: str) -> None:
             f"{p.dtype}/{(p.to_local() if is_dtensor(p) else p).dtype}" for p in half.parameters() if p.requires_grad
         })
         train_steps(half, ids_here, steps=1)
+        result["bf16_replica_spread"] = replica_spread(half)  # the upcast kept every replica in step
         del half
         torch.manual_seed(0)
         reference = get_peft_model(load(base_path, dtype=torch.float32).to(here), config)

@@ -84,10 +84,15 @@ def loop_grouped_linear(x: torch.Tensor, weight: torch.Tensor, routing: ExpertRo
     return torch.cat(pieces, dim=0)  # (S, out)
 
 
-def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm") or weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+def grouped_mm_runs_on(t: torch.Tensor) -> bool:
+    """torch's grouped_mm has a kernel for `t`'s dtype and device (sizes and alignment aside)."""
+    if not hasattr(F, "grouped_mm") or t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) < (8, 0):
+    return not (t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) < (8, 0))
+
+
+def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not grouped_mm_runs_on(weight):
         return False
     # grouped_mm wants every row stride and base pointer on a 16-byte boundary.
     item = weight.element_size()

@@ -26,15 +26,23 @@ import torch.nn.functional as F
 
 from .experts_layout import ExpertsLayout
 from .routing import ExpertRouting, sort_pairs_by_expert
-from .torch_experts import ExpertLoraFactors, GroupedLinear, grouped_mm_linear, is_shared, loop_grouped_linear
+from .torch_experts import (
+    ExpertLoraFactors,
+    GroupedLinear,
+    grouped_mm_linear,
+    grouped_mm_runs_on,
+    is_shared,
+    loop_grouped_linear,
+)
 
 
 def grouped_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
     """Per expert e, grad_out[rows of e]^T @ inputs[rows of e]: (S, out), (S, in) -> (E, out, in)."""
     num_experts = routing.num_experts
     item = inputs.element_size()
-    aligned = (inputs.shape[0] * item) % 16 == 0 and (inputs.shape[1] * item) % 16 == 0 and (grad_out.shape[1] * item) % 16 == 0
-    if hasattr(F, "grouped_mm") and inputs.dtype in (torch.bfloat16, torch.float16, torch.float32) and aligned:
+    # grouped_mm wants every row stride on a 16-byte boundary (grad_out is read transposed: rows of S)
+    aligned = all((n * item) % 16 == 0 for n in (inputs.shape[0], inputs.shape[1], grad_out.shape[1]))
+    if grouped_mm_runs_on(inputs) and aligned and inputs.shape[0] > 0:
         return F.grouped_mm(grad_out.t(), inputs, offs=routing.group_ends)
     ends = routing.group_ends.tolist()
     starts = [0] + ends[:-1]
@@ -43,11 +51,6 @@ def grouped_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor, routing: E
         if t > s:
             out[e] = grad_out[s:t].t() @ inputs[s:t]
     return out
-
-
-def _pairs_to_tokens(rows: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-    """Unweighted sum of each token's pair rows: (S, D) sorted by expert -> (T, D)."""
-    return routing.to_tokens(rows)
 
 
 def _silu_and_grad(gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +148,11 @@ class ExpertsLoraFunction(torch.autograd.Function):
         dx_pairs = linear(d_pre, gate_up.transpose(1, 2), routing) if need_x else None  # (S, H)
         dx = None
         if shared_in:
-            da_tokens = _pairs_to_tokens(da_pairs, routing)  # (T, 2r)
+            da_tokens = routing.to_tokens(da_pairs)  # (T, 2r)
             grad_a_gate = (da_tokens[:, :rank].t() @ x).unsqueeze(0)
             grad_a_up = (da_tokens[:, rank:].t() @ x).unsqueeze(0)
             if need_x:
-                dx = _pairs_to_tokens(dx_pairs, routing) + da_tokens[:, :rank] @ a_gate[0] + da_tokens[:, rank:] @ a_up[0]
+                dx = routing.to_tokens(dx_pairs) + da_tokens[:, :rank] @ a_gate[0] + da_tokens[:, rank:] @ a_up[0]
         else:
             x_pairs = x[routing.token_of_pair]
             grad_a_gate = grouped_weight_grad(da_pairs[:, :rank], x_pairs, routing)
@@ -157,7 +160,7 @@ class ExpertsLoraFunction(torch.autograd.Function):
             if need_x:
                 dx_pairs = dx_pairs + linear(da_pairs[:, :rank], a_gate.transpose(1, 2), routing)
                 dx_pairs = dx_pairs + linear(da_pairs[:, rank:], a_up.transpose(1, 2), routing)
-                dx = _pairs_to_tokens(dx_pairs, routing)
+                dx = routing.to_tokens(dx_pairs)
         return (None if dx is None else dx.to(ctx.hidden_dtype), None, grad_w, None, None,
                 grad_a_gate, grad_a_up, grad_b_gate, grad_b_up, grad_a_down, grad_b_down, None, None)
 

@@ -23,6 +23,7 @@ from ..parallel import (
     is_dtensor,
     linear_sharding,
     local,
+    recast_parameter,
 )
 from .layer import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer
 
@@ -36,6 +37,7 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     names = config.resolved_target_modules()
     linear_names = [n for n in names if n != EXPERTS_TARGET]
     targets: dict[str, str] = {}
+    split: dict[str, bool] = {}  # target -> split over ranks by tensor / expert parallelism
     matched: set[str] = set()
     inside_adapter: list[str] = []
     get_output_embeddings = getattr(model, "get_output_embeddings", None)
@@ -46,8 +48,8 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
         if isinstance(module, BaseTunerLayer):
             inside_adapter.append(key + ".")
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if EXPERTS_TARGET in names and _is_adaptable_experts(key, base):
-            targets[key] = "experts"
+        if EXPERTS_TARGET in names and (sharded := _experts_sharded(key, base)) is not None:
+            targets[key], split[key] = "experts", sharded
             matched.add(EXPERTS_TARGET)
             continue
         hits = [n for n in linear_names if key == n or key.endswith("." + n)]
@@ -63,8 +65,7 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
                 f"target {hits[0]!r} matched module {key!r} of type {type(base).__name__}; expected an nn.Linear "
                 f"(or use 'experts' for a fused experts block)"
             )
-        _check_linear_sharding(key, base, config)
-        targets[key] = "linear"
+        targets[key], split[key] = "linear", _linear_sharded(key, base, config)
         matched.update(hits)
     if EXPERTS_TARGET in names and EXPERTS_TARGET not in matched:
         raise ValueError(
@@ -74,22 +75,44 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     unmatched = [n for n in names if n not in matched]
     if unmatched:
         raise ValueError(f"target_modules {unmatched} matched no module of {type(model).__name__}")
+    _check_whole_targets(model, targets, split, config)
     return targets
 
 
-def _is_adaptable_experts(key: str, module: nn.Module) -> bool:
+def _check_whole_targets(model: nn.Module, targets: dict[str, str], split: dict[str, bool],
+                         config: SharedMoeLoraConfig) -> None:
+    """In a tensor / expert parallel model, targets the plan leaves whole run on the same batch on every
+    rank (unless FSDP alone shards them): their factors are replicas, which must stay identical."""
+    if not any(split.values()):
+        return
+    whole = [k for k in targets if not split[k]]
+    experts = [k for k in whole if targets[k] == "experts"]
+    if experts:
+        raise ParallelLayoutError(
+            f"cannot adapt {experts[0]!r}: an experts block left whole in a tensor / expert parallel model is not supported"
+        )
+    if whole and config.lora_dropout and data_parallel_mesh(model) is None:
+        raise ParallelLayoutError(
+            f"cannot adapt {whole[0]!r}: lora_dropout={config.lora_dropout} on a linear every rank runs on the same "
+            f"batch would drop different inputs on each rank, and the replicas would part; use lora_dropout=0"
+        )
+
+
+def _experts_sharded(key: str, module: nn.Module) -> Optional[bool]:
+    """None: not an experts block we adapt; else whether it is split over ranks (raises for one we refuse)."""
     try:
         layout = describe_experts(module)
-        if layout is not None:
-            experts_sharding(module, layout.transposed, not layout.interleaved)  # raises for a split we cannot follow
-        return layout is not None
+        if layout is None:
+            return None
+        return experts_sharding(module, layout.transposed, not layout.interleaved) is not None
     except UnsupportedExpertsError as error:
         raise UnsupportedExpertsError(f"cannot adapt {key!r}: {error}") from None
     except ParallelLayoutError as error:
         raise ParallelLayoutError(f"cannot adapt {key!r}: {error}") from None
 
 
-def _check_linear_sharding(key: str, linear: nn.Linear, config: SharedMoeLoraConfig) -> None:
+def _linear_sharded(key: str, linear: nn.Linear, config: SharedMoeLoraConfig) -> bool:
+    """Whether a target linear is split over ranks; raises for a split or a dropout we cannot follow."""
     try:
         sharding = linear_sharding(linear)
     except ParallelLayoutError as error:
@@ -100,6 +123,7 @@ def _check_linear_sharding(key: str, linear: nn.Linear, config: SharedMoeLoraCon
             f"cannot adapt {key!r}: lora_dropout={config.lora_dropout} on a column-parallel linear would drop "
             f"different inputs on each rank; use lora_dropout=0 under tensor parallelism"
         )
+    return sharding is not None
 
 
 def shard_like_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,12 +164,7 @@ def _align_replicas(model: nn.Module, adapter_name: str) -> None:
     # (expert parallel with FSDP), where each rank has its own batch and they average their gradients.
     dense_fsdp_mesh = data_parallel_mesh(model)
     for layer in layers:
-        if layer.sharding is None:
-            if not isinstance(layer, LinearLoraLayer):
-                raise ParallelLayoutError(
-                    f"{type(layer.get_base_layer()).__name__}: an experts block left whole in a tensor / expert "
-                    f"parallel model is not supported"
-                )
+        if layer.sharding is None:  # a linear (`find_targets` refused experts left whole)
             layer.replicate_on(dense_fsdp_mesh or shardings[0].mesh)
             if dense_fsdp_mesh is not None:
                 layer.sharding = replace(layer.sharding, data_mesh=dense_fsdp_mesh, data_divisor=dense_fsdp_mesh.size())
@@ -231,9 +250,7 @@ class SharedMoeLoraModel(BaseTuner):
                     for name in layer.adapter_layer_names:
                         holder = getattr(layer, name)[adapter_name]
                         if holder.weight.dtype in (torch.float16, torch.bfloat16):
-                            holder.weight = nn.Parameter(
-                                holder.weight.detach().to(torch.float32), requires_grad=holder.weight.requires_grad
-                            )
+                            holder.weight = recast_parameter(holder.weight, torch.float32)
         super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
 
     # ---- trainable biases (bias="all" / "lora_only", as LoraConfig) ---------------------------
