@@ -3,7 +3,7 @@
 `EXPERTS_BACKENDS` maps a name to a function with the contract of `torch_experts.experts_forward`
 (minus `linear`): "torch" (grouped GEMMs, autograd), "loop" (exact per-expert loop), "torch_fused"
 (training as one autograd function that keeps fewer activations, `train_experts.py`), and "triton"
-(fused inference kernels) where triton imports. `resolve_backend("auto", ...)` picks per call.
+(fused kernels: inference, and training with a frozen base, `triton_train.py`) where triton imports. `resolve_backend("auto", ...)` picks per call.
 
 Every backend takes `fn(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn, lora=,
 layout=, apply_gate=, gate_up_bias=, down_bias=)` (`run_experts` makes the call): the torch ones run
@@ -54,9 +54,10 @@ def resolve_backend(
     It sees every tensor of the call (a trainable router makes `top_k_weights` need a gradient).
 
     "triton" raises `TritonBackendError` wherever the kernels would not compute the exact result
-    (autograd needed, a layout or gate they do not implement, no CUDA device, triton missing, ...):
-    computing something else silently is never an option. "auto" runs the kernels for CUDA
-    inference where none of these holds, and the exact torch path otherwise. The kernels' checks run
+    (base weights needing gradients, a layout or gate they do not implement, no CUDA device, triton
+    missing, ...): computing something else silently is never an option. "auto" runs the kernels on
+    CUDA, for inference and for training, where none of these holds, and the exact torch path
+    otherwise. The kernels' checks run
     here once; the function returned for them does not repeat them.
     """
     from .triton_support import TritonBackendError

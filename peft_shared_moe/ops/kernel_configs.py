@@ -1,8 +1,13 @@
-"""Tile configs for the fused experts kernels, kept as data: `configs/fused_moe.json`.
+"""Tile configs for the fused experts kernels, kept as data.
 
-The file maps a card name (`torch.cuda.get_device_name()`) to, per kernel ("gate_up", "down"), a
-table from token count to config; the entry with the largest token count <= T is used. Cards not in
-the file use "default" (with a one-time warning). `benchmarks/tune_fused_moe.py` writes the file.
+`configs/fused_moe.json` (inference) maps a card name (`torch.cuda.get_device_name()`) to, per kernel
+("gate_up", "down"), a table from token count to config; the entry with the largest token count <= T
+is used. `benchmarks/tune_fused_moe.py` writes it.
+
+`configs/train_experts.json` (training) maps a card to the layer's shape "E=..,H=..,I=.." (as vLLM
+keys its files by E and N) to one block_m (the routing is built once and shared by every pass) and
+a tile per training kernel; the shape "default" covers shapes not tuned. `benchmarks/train.py --tune`
+writes it. Cards not in a file use its "default" card (with a one-time warning).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 import torch
 
 CONFIG_FILE = Path(__file__).with_name("configs") / "fused_moe.json"
+TRAIN_CONFIG_FILE = Path(__file__).with_name("configs") / "train_experts.json"
 # Small tiles for the Triton interpreter on the CPU: it runs every program one after the other.
 INTERPRETER = {"block_m": 16, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 1}
 
@@ -30,12 +36,26 @@ class KernelConfig:
 
 
 @lru_cache(maxsize=None)
-def _table(card: str, kernel: str) -> tuple[tuple[int, KernelConfig], ...]:
-    data = json.loads(CONFIG_FILE.read_text())
+def _file(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _for_card(path: Path, card: str) -> dict:
+    data = _file(path)
     if card not in data:
-        warnings.warn(f"no tuned fused-MoE configs for {card!r} in {CONFIG_FILE.name}; using the defaults")
+        _warn_untuned(path.name, card)
         card = "default"
-    rows = sorted((int(t), KernelConfig(**cfg)) for t, cfg in data[card][kernel].items())
+    return data[card]
+
+
+@lru_cache(maxsize=None)
+def _warn_untuned(file_name: str, card: str) -> None:
+    warnings.warn(f"no tuned experts kernel configs for {card!r} in {file_name}; using the defaults")
+
+
+@lru_cache(maxsize=None)
+def _table(card: str, kernel: str) -> tuple[tuple[int, KernelConfig], ...]:
+    rows = sorted((int(t), KernelConfig(**cfg)) for t, cfg in _for_card(CONFIG_FILE, card)[kernel].items())
     return tuple(rows)
 
 
@@ -44,12 +64,53 @@ def _card(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def _device_card(device: torch.device) -> str:
+    return _card(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def kernel_config(kernel: str, num_tokens: int, device: torch.device) -> KernelConfig:
     if device.type != "cuda":
         return KernelConfig(**INTERPRETER)
-    table = _table(_card(device.index if device.index is not None else torch.cuda.current_device()), kernel)
+    table = _table(_device_card(device), kernel)
     chosen = table[0][1]
     for tokens, config in table:
         if tokens <= num_tokens:
             chosen = config
     return chosen
+
+
+TRAIN_KERNELS = ("gate_up", "down", "down_backward", "gate_up_backward", "lora_backward", "outer")
+
+
+@dataclass(frozen=True)
+class TrainConfigs:
+    """One tile per training kernel, all with the same block_m (one routing serves every pass)."""
+
+    block_m: int
+    gate_up: KernelConfig  # forward x W_gu^T + LoRA, SiLU * up                (N = I,  K = H)
+    down: KernelConfig  # forward h W_d^T, rank-r shrink                         (N = H,  K = I)
+    down_backward: KernelConfig  # dy W_d + LoRA, SiLU backward epilogue         (N = I,  K = H)
+    gate_up_backward: KernelConfig  # d_pre W_gu                                 (N = H,  K = 2I)
+    lora_backward: KernelConfig  # d_gate B_gate, d_up B_up                      (N = r,  K = I)
+    outer: KernelConfig  # per-expert factor gradients, block_n over N
+
+
+def shape_key(num_experts: int, hidden: int, inter: int) -> str:
+    return f"E={num_experts},H={hidden},I={inter}"
+
+
+def parse_train_configs(entry: dict) -> TrainConfigs:
+    block_m = entry["block_m"]
+    return TrainConfigs(block_m, *(KernelConfig(block_m=block_m, **entry[k]) for k in TRAIN_KERNELS))
+
+
+@lru_cache(maxsize=None)
+def _train_configs(card: str, key: str) -> TrainConfigs:
+    shapes = _for_card(TRAIN_CONFIG_FILE, card)
+    return parse_train_configs(shapes.get(key, shapes["default"]))
+
+
+def train_configs(num_experts: int, hidden: int, inter: int, device: torch.device) -> TrainConfigs:
+    if device.type != "cuda":
+        return TrainConfigs(INTERPRETER["block_m"], *(KernelConfig(**INTERPRETER) for _ in TRAIN_KERNELS))
+    return _train_configs(_device_card(device), shape_key(num_experts, hidden, inter))

@@ -1,4 +1,4 @@
-"""Triton fused experts for inference: base experts and shared-outer / per-expert LoRA, no autograd.
+"""Triton fused experts: base experts and shared-outer / per-expert LoRA (training: triton_train.py).
 
 Layers of one op, as in the Triton tutorials and vLLM's fused_moe:
 `_grouped_gemm_kernel` (one jit kernel) -> `_launch` (strides, grid, shape checks) ->
@@ -14,7 +14,7 @@ Per-expert A or B adds one small grouped pass each (the shrink for A, the down e
 The pure-torch reference beside these kernels is `torch_experts.experts_forward`.
 
 Exact or refused: `triton_experts_forward` raises `TritonBackendError` where the kernels would compute
-something else (autograd, another gate or layout, no CUDA device, ...; `triton_refusals`), float32
+something else (a base needing gradients, another gate or layout, no CUDA device, ...; `triton_refusals`), float32
 products follow torch's matmul precision (`dot_precision`), and the adapter is packed from the live
 factors on every call (`pack_lora`), never from a cache.
 """
@@ -39,6 +39,35 @@ from .triton_support import TritonBackendError
 
 
 @triton.jit
+def _expert_gemm(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, K, stride_xk, stride_wk, up_offset,
+                 GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """(BM, BN) tiles of gathered rows times one expert's weight: the main loop of every experts GEMM.
+    With GATED, a second tile `up_offset` further along the weight's rows (the up half) shares the row loads."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION)
+        if GATED:
+            b_up = tl.load(w_ptrs + up_offset, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, acc_up
+
+
+@triton.jit
+def _lora_dot(l_ptrs, b_ptrs, row_ok, r_ok, n_ok, DOT_PRECISION: tl.constexpr):
+    """(BM, R) rank-r activations times an (R, BN) tile of an expansion factor (cast as loaded)."""
+    la = tl.load(l_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    lb = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+    return tl.dot(la, lb.to(la.dtype), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     # pointers
     x_ptr,  # input rows; row of pair p is p // X_ROW_DIV
@@ -50,6 +79,7 @@ def _grouped_gemm_kernel(
     shrink_w_ptr,  # (E, R, K) fused shrink factor
     shrink_out_ptr,  # (S, R)
     pair_weight_ptr,  # (S,) routing weight of each pair
+    pre_ptr,  # (S, 2N) [gate; up] before the SiLU, written when STORE_PRE
     sorted_pair_ids_ptr,
     expert_of_block_ptr,
     num_padded_rows_ptr,
@@ -67,6 +97,7 @@ def _grouped_gemm_kernel(
     stride_be, stride_bn, stride_bk,
     stride_se, stride_sr, stride_sk,
     stride_tm, stride_tr,
+    stride_pm, stride_pn,
     # meta
     X_ROW_DIV: tl.constexpr,
     LORA_ROW_DIV: tl.constexpr,
@@ -74,6 +105,7 @@ def _grouped_gemm_kernel(
     HAS_EXPAND: tl.constexpr,
     HAS_SHRINK: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
+    STORE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -122,32 +154,21 @@ def _grouped_gemm_kernel(
         tl.store(t_ptrs, acc_r.to(shrink_out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
     else:
         w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION)
-            if GATED:
-                b_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
-
+        acc, acc_up = _expert_gemm(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, K, stride_xk, stride_wk, N * stride_wn,
+                                   GATED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         if HAS_EXPAND:
             lora_row = pair // LORA_ROW_DIV
             l_ptrs = lora_in_ptr + lora_row[:, None] * stride_lm + offs_r[None, :] * stride_lk  # (BM, BR)
             b_ptrs = lora_b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
-            la = tl.load(l_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-            lb = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += scaling * tl.dot(la, lb.to(la.dtype), input_precision=DOT_PRECISION)
+            acc += scaling * _lora_dot(l_ptrs, b_ptrs, row_ok, r_ok, n_ok, DOT_PRECISION)
             if GATED:
-                la_up = tl.load(l_ptrs + R * stride_lk, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
                 b_up_ptrs = lora_b_up_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
-                lb_up = tl.load(b_up_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                acc_up += scaling * tl.dot(la_up, lb_up.to(la_up.dtype), input_precision=DOT_PRECISION)
+                acc_up += scaling * _lora_dot(l_ptrs + R * stride_lk, b_up_ptrs, row_ok, r_ok, n_ok, DOT_PRECISION)
 
+        if STORE_PRE:  # the training forward keeps [gate; up] before the SiLU for its backward
+            pre_ptrs = pre_ptr + pair[:, None] * stride_pm + offs_n[None, :] * stride_pn
+            tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+            tl.store(pre_ptrs + N * stride_pn, acc_up.to(pre_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
         if GATED:
             acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # SiLU(gate) * up
         if MUL_WEIGHT:
@@ -173,13 +194,15 @@ def _launch(
     expand_up_b: Optional[torch.Tensor] = None,
     shrink: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     pair_weights: Optional[torch.Tensor] = None,
+    store_pre: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One grouped GEMM over the expert blocks; see `_grouped_gemm_kernel` for the fused extras.
 
     expand = (lora_in, lora_b, lora_row_div, scaling); with `gated`, lora_b is the gate half's factor
     and `expand_up_b` the up half's (two tensors, so nothing is concatenated per call); shrink =
-    (shrink_w, shrink_out); precision is the `tl.dot` input precision (`dot_precision`). Factor tiles
-    are cast to the activation dtype as they are loaded, so factors may be passed in their own dtype.
+    (shrink_w, shrink_out); precision is the `tl.dot` input precision (`dot_precision`); `store_pre`
+    (S, 2N), gated only, receives [gate; up] before the SiLU. Factor tiles are cast to the activation
+    dtype as they are loaded, so factors may be passed in their own dtype.
     """
     num_experts, n_w, k = weight.shape
     n = n_w // 2 if gated else n_w
@@ -194,17 +217,20 @@ def _launch(
         if gated and (expand_up_b is None or expand_up_b.shape != lora_b.shape or expand_up_b.stride() != lora_b.stride()):
             raise ValueError(f"gated expansion needs an up factor shaped and strided like {tuple(lora_b.shape)}")
     lora_b_up = expand_up_b if expand_up_b is not None else lora_b
+    if store_pre is not None and (not gated or store_pre.shape != (routing.num_pairs, 2 * n)):
+        raise ValueError(f"store_pre must be (S, 2N) = ({routing.num_pairs}, {2 * n}) of a gated GEMM, got {tuple(store_pre.shape)}")
+    pre = store_pre if store_pre is not None else out
     if shrink is not None:
         rank = shrink_w.shape[1]
     block_r = max(16, triton.next_power_of_2(max(rank, 1)))
     grid = (routing.max_blocks, triton.cdiv(n, config.block_n) + (shrink is not None))
-    flags = (gated, expand is not None, shrink is not None, block_r, config, precision)
+    flags = (gated, expand is not None, shrink is not None, store_pre is not None, block_r, config, precision)
     stages = _STAGES_THAT_FIT.get(flags, config.num_stages)
     while True:
         try:
             _grouped_gemm_kernel[grid](
                 x, weight, out, lora_in, lora_b, lora_b_up, shrink_w, shrink_out,
-                pair_weights if pair_weights is not None else out,
+                pair_weights if pair_weights is not None else out, pre,
                 routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
                 n, k, rank, routing.num_pairs, float(scaling),
                 x.stride(0), x.stride(1),
@@ -214,12 +240,14 @@ def _launch(
                 lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
                 shrink_w.stride(0), shrink_w.stride(1), shrink_w.stride(2),
                 shrink_out.stride(0), shrink_out.stride(1),
+                pre.stride(0), pre.stride(1),
                 X_ROW_DIV=x_row_div,
                 LORA_ROW_DIV=lora_row_div,
                 GATED=gated,
                 HAS_EXPAND=expand is not None,
                 HAS_SHRINK=shrink is not None,
                 MUL_WEIGHT=pair_weights is not None,
+                STORE_PRE=store_pre is not None,
                 BLOCK_M=config.block_m,
                 BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k,
@@ -287,9 +315,9 @@ def triton_refusals(
 ) -> list[str]:
     """Every reason the kernels would not compute this call exactly, each with what to do; [] if none.
 
-    `weights` are the base (gate_up_proj, down_proj). The kernels have no backward (autograd would
-    silently reach only what the torch ops around them compute), implement one layout and the SiLU
-    gate, need CUDA (or the interpreter), and compute in the activation dtype.
+    `weights` are the base (gate_up_proj, down_proj). The kernels implement one layout and the SiLU
+    gate, need CUDA (or the interpreter), and compute in the activation dtype; where autograd is
+    needed (triton_train.py) they train an adapter on a frozen base.
     """
     named = {"hidden_states": hidden_states, **dict(zip(("gate_up_proj", "down_proj"), weights))}
     if top_k_weights is not None:
@@ -297,13 +325,17 @@ def triton_refusals(
     if lora is not None:
         named.update((f, lora[f]) for f in EXPERT_FACTORS)
     reasons = []
-    if torch.is_grad_enabled():
-        need_grad = [n for n, t in named.items() if t.requires_grad]
-        if need_grad:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
+        # the training kernels (triton_train.py) give the input's, the routing weights' and the factors' gradients
+        base_grad = [n for n in ("gate_up_proj", "down_proj") if named[n].requires_grad]
+        if base_grad:
             reasons.append(
-                f"autograd is needed ({', '.join(need_grad)} require grad) and the kernels have no backward: "
-                "train with backend='auto' or 'torch', or run inference under torch.no_grad()"
+                f"autograd is needed for the base weights ({', '.join(base_grad)} require grad) and the kernels' "
+                "backward computes no base-weight gradient (frozen base only): use backend='auto' or 'torch'"
             )
+        if lora is None:
+            reasons.append("autograd is needed and the kernels' backward trains an adapter, none is given: "
+                           "use backend='auto' or 'torch'")
     if layout is not None and not layout.fused_kernels_ok:
         reasons.append(
             f"the kernels implement [gate; up] (E, 2I, H) weights without bias and a SiLU gate, not {layout}: "
@@ -404,7 +436,8 @@ def triton_experts_forward(
     down_bias: Optional[torch.Tensor] = None,
     refusals_checked: bool = False,
 ) -> torch.Tensor:
-    """Same contract as `torch_experts.experts_forward` (act_fn None means SiLU), inference only.
+    """Same contract as `torch_experts.experts_forward` (act_fn None means SiLU); where autograd is
+    needed, the training kernels' forward and backward (`triton_train.py`).
 
     Raises `TritonBackendError` where the kernels would not compute exactly that (`triton_refusals`),
     unless the caller has just checked (`resolve_backend`). `apply_gate` is the block's own gate: a
@@ -421,6 +454,11 @@ def triton_experts_forward(
             reasons.append("a gate function without its layout cannot be checked against the kernels' SiLU gate")
         if reasons:
             raise TritonBackendError.from_reasons(reasons)
+    if lora is not None and torch.is_grad_enabled():
+        from .triton_train import needs_autograd, triton_train_forward
+
+        if needs_autograd(hidden_states, top_k_weights, *lora.values()):
+            return triton_train_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)
     p = pack_lora(lora, hidden_states.dtype) if lora is not None else None
     if not torch.compiler.is_compiling():  # eager and CUDA-graph capture: skip the op dispatcher's cost
         return _fused_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, p)
