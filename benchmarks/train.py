@@ -1,17 +1,22 @@
 """Training cost of the adapter on one GPU: one MoE layer forward + backward, and whole training steps.
 
-Layer rows (Qwen3-30B-A3B layer: E=128, H=2048, I=768, top-8, bf16, r=32 shared-outer, the base
-frozen, the input needing its gradient): transformers' grouped_mm base alone, PEFT
+Layer rows (Qwen3-30B-A3B layer: E=128, H=2048, I=768, top-8, bf16, r=32 shared-outer with float32
+factors, the base frozen, the input needing its gradient): transformers' grouped_mm base alone, PEFT
 target_parameters (r=32 per expert), our torch path (autograd), our torch_fused path (hand-written
-backward), and the floor (training FLOPs over the measured bf16 matmul rate). Each of ours is checked
-against the torch path's gradients before it is timed; `peak_gib` is the memory one forward +
-backward adds.
+backward), our Triton training kernels, and the floor (training FLOPs over the measured bf16 matmul
+rate). Each of ours is checked against the torch path's gradients before it is timed; `peak_gib` is
+the memory one forward + backward adds.
 
 Step rows (benchmarks/train_distributed.py, one GPU): an 8-layer model at seq 2048 x 4 with and
 without gradient checkpointing, and the full 48 layers at seq 4096 x 1 with it; the frozen base
-without adapter, PEFT, ours (backend auto: the torch path for training) and ours torch_fused.
+without adapter, PEFT, ours (backend auto: the Triton training kernels) and ours with backend torch.
+
+`--tune` searches the training kernels' tiles for this card at the layer's shape (one kernel at a
+time, timing the whole layer forward + backward) and prints the JSON entry for
+peft_shared_moe/ops/configs/train_experts.json (also written to --tune-out).
 
     python benchmarks/train.py            # both parts -> benchmarks/results/train-<card>.json
+    python benchmarks/train.py --tune --skip-steps --tune-out tuned.json
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ STEP_ROWS = [
     (mode, 1, layers, seq, batch, impl, gc)
     for layers, seq, batch, gcs in [(8, 2048, 4, (False, True)), (48, 4096, 1, (True,))]
     for gc in gcs
-    for impl in ("frozen_base", "peft_target_parameters", "ours", "ours_torch_fused")
+    for impl in ("frozen_base", "peft_target_parameters", "ours", "ours_torch")
     for mode in ("single",)
 ]
 
@@ -55,11 +60,13 @@ def layer_rows(tokens_list: list[int]) -> list[dict]:
         "ours_torch": lambda x, i, w: EXPERTS_BACKENDS["torch"](x, i, w, *weights, F.silu, lora=lora, layout=layout),
         "ours_torch_fused": lambda x, i, w: EXPERTS_BACKENDS["torch_fused"](
             x, i, w, *weights, F.silu, lora=lora, layout=layout),
+        "ours_triton": lambda x, i, w: EXPERTS_BACKENDS["triton"](x, i, w, *weights, F.silu, lora=lora, layout=layout),
     }
     rows = []
     for tokens in tokens_list:
         x, idx, w = routing(tokens, seed=tokens)
         x.requires_grad_(True)
+        w.requires_grad_(True)  # the router is trained through them, as in a model
         probe = torch.randn_like(x)
 
         def step(fn):
@@ -67,12 +74,13 @@ def layer_rows(tokens_list: list[int]) -> list[dict]:
 
         # the fused backward's gradients against autograd's before timing anything
         grads = {}
-        for name in ("ours_torch", "ours_torch_fused"):
+        for name in ("ours_torch", "ours_torch_fused", "ours_triton"):
             out = impls[name](x, idx, w)
-            grads[name] = torch.autograd.grad(out, [x, *lora.values()], probe)
-        for a, b in zip(grads["ours_torch_fused"], grads["ours_torch"]):
-            err = ((a.float() - b.float()).norm() / b.float().norm()).item()
-            assert err < 2e-2, f"torch_fused gradient off by {err:.2e} at T={tokens}"
+            grads[name] = torch.autograd.grad(out, [x, w, *lora.values()], probe)
+        for name in ("ours_torch_fused", "ours_triton"):
+            for what, a, b in zip(["x", "w", *lora.tensors], grads[name], grads["ours_torch"]):
+                err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+                assert err < 2e-2, f"{name} gradient of {what} off by {err:.2e} at T={tokens}"
         for name, fn in impls.items():
             ms = time_ms(step(fn))
             torch.cuda.synchronize()
@@ -81,7 +89,7 @@ def layer_rows(tokens_list: list[int]) -> list[dict]:
             step(fn)()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - before) / 2**30
-            x.grad = None
+            x.grad = w.grad = None
             for t in lora.values():
                 t.grad = None
             rows.append({"impl": name, "T": tokens, "ms": round(ms, 3), "peak_gib": round(peak, 3)})
@@ -92,14 +100,114 @@ def layer_rows(tokens_list: list[int]) -> list[dict]:
     return rows
 
 
+def profile_layer(tokens: int) -> str:
+    """Where the Triton path's layer forward + backward spends its time: the GPU kernels, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base = make_experts("grouped_mm")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    lora = make_lora()
+    for t in lora.values():
+        t.requires_grad_(True)
+    x, idx, w = routing(tokens, seed=tokens)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    probe = torch.randn_like(x)
+    fn = lambda: torch.autograd.backward(  # noqa: E731
+        EXPERTS_BACKENDS["triton"](x, idx, w, base.gate_up_proj, base.down_proj, F.silu, lora=lora,
+                                   layout=ExpertsLayout(E, H, I)), probe)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60)
+
+
+TILES = {  # (block_n, block_k, num_warps, num_stages) tried per kernel
+    "gemm": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+             (256, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4)],
+    "lora_backward": [(32, 64, 4, 3), (32, 128, 4, 3), (32, 256, 4, 2), (64, 64, 4, 3), (32, 64, 2, 4)],
+    "outer": [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (256, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
+}
+
+
+def tune(tokens: int) -> dict:
+    """Coordinate search over the training kernels' tiles, per block_m; the layer's fwd + bwd time decides."""
+    from peft_shared_moe.ops import kernel_configs, triton_train
+
+    base = make_experts("grouped_mm")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    lora = make_lora()
+    for t in lora.values():
+        t.requires_grad_(True)
+    x, idx, w = routing(tokens, seed=tokens)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    probe = torch.randn_like(x)
+
+    def layer_ms(entry: dict) -> float:
+        configs = kernel_configs.parse_train_configs(entry)
+        triton_train._configs = lambda gate_up: configs  # noqa: E731  (this process only)
+        fn = lambda: torch.autograd.backward(  # noqa: E731
+            EXPERTS_BACKENDS["triton"](x, idx, w, base.gate_up_proj, base.down_proj, F.silu, lora=lora,
+                                       layout=ExpertsLayout(E, H, I)), probe)
+        try:
+            fn()
+            return time_ms(fn)
+        except Exception as err:  # a tile that does not fit this card
+            print(f"  skipped {entry}: {type(err).__name__}", flush=True)
+            return float("inf")
+
+    best_entry, best_ms = None, float("inf")
+    for block_m in (64, 128):
+        entry = {"block_m": block_m, **{k: dict(zip(("block_n", "block_k", "num_warps", "num_stages"),
+                                                    TILES["gemm" if k not in TILES else k][0]))
+                                        for k in kernel_configs.TRAIN_KERNELS}}
+        ms = layer_ms(entry)
+        for kernel in kernel_configs.TRAIN_KERNELS:
+            for tile in TILES.get(kernel, TILES["gemm"])[1:]:
+                trial = {**entry, kernel: dict(zip(("block_n", "block_k", "num_warps", "num_stages"), tile))}
+                trial_ms = layer_ms(trial)
+                if trial_ms < ms:
+                    entry, ms = trial, trial_ms
+            print(f"block_m={block_m} {kernel}: {entry[kernel]} -> {ms:.3f} ms", flush=True)
+        if ms < best_ms:
+            best_entry, best_ms = entry, ms
+    print(f"best {best_ms:.3f} ms: {best_entry}", flush=True)
+    return {torch.cuda.get_device_name(): {kernel_configs.shape_key(E, H, I): best_entry}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384])
     p.add_argument("--skip-steps", action="store_true", help="the layer rows only")
     p.add_argument("--step-rows", nargs="*", type=int, help="only these entries of STEP_ROWS (to split long runs)")
     p.add_argument("--workdir", help="where step rows accumulate (reuse it to add rows across runs)")
+    p.add_argument("--tune", action="store_true", help="search the training kernels' tiles first (see above)")
+    p.add_argument("--tune-tokens", type=int, default=16384)
+    p.add_argument("--tune-out", help="write the tuned JSON entry here")
+    p.add_argument("--profile", action="store_true", help="print the Triton path's kernel times at the largest T")
     args = p.parse_args()
+    if args.tune:
+        import json
+
+        tuned = tune(args.tune_tokens)
+        print(json.dumps(tuned, indent=1))
+        if args.tune_out:
+            Path(args.tune_out).write_text(json.dumps(tuned, indent=1) + "\n")
+        from peft_shared_moe.ops import kernel_configs, triton_train
+
+        card, entry = next(iter(tuned.items()))
+        chosen = kernel_configs.parse_train_configs(next(iter(entry.values())))
+        triton_train._configs = lambda gate_up: chosen  # noqa: E731  the rows below run the tuned tiles
     rows = layer_rows(args.tokens)
+    if args.profile:
+        print(profile_layer(max(args.tokens)), flush=True)
     if not args.skip_steps:
         from benchmarks.train_distributed import run_all
 

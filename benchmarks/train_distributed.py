@@ -96,8 +96,8 @@ def add_adapter(model, impl: str):
             p.requires_grad_(False)
         model.enable_input_require_grads()
         return model
-    if impl in ("ours", "ours_torch_fused"):
-        backend = "torch_fused" if impl == "ours_torch_fused" else "auto"
+    if impl in ("ours", "ours_torch", "ours_torch_fused"):
+        backend = {"ours": "auto", "ours_torch": "torch", "ours_torch_fused": "torch_fused"}[impl]
         config = SharedMoeLoraConfig(r=R, lora_alpha=R, target_modules=["experts", *ATTENTION],
                                      init_lora_weights=False, backend=backend)
     else:
@@ -225,7 +225,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--impl", choices=["ours", "ours_torch_fused", "peft_target_parameters", "frozen_base"], default="ours")
+    p.add_argument("--impl", choices=["ours", "ours_torch", "ours_torch_fused", "peft_target_parameters", "frozen_base"], default="ours")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
