@@ -117,19 +117,32 @@ def profile_layer(tokens: int) -> str:
     fn = lambda: torch.autograd.backward(  # noqa: E731
         EXPERTS_BACKENDS["triton"](x, idx, w, base.gate_up_proj, base.down_proj, F.silu, lora=lora,
                                    layout=ExpertsLayout(E, H, I)), probe)
+    import time
+
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fn()
+    start = time.perf_counter()
+    for _ in range(10):
+        fn()
+    issued = (time.perf_counter() - start) / 10
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - start) / 10
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60)
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    lines = [f"T={tokens}: host issues one forward + backward in {issued * 1e3:.3f} ms, GPU done after {total * 1e3:.3f} ms",
+             "kernels in order (us):"]
+    lines += [f"  {e.device_time:9.1f}  {e.name[:90]}" for e in kernels]
+    lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=50))
+    return "\n".join(lines)
 
 
 TILES = {  # (block_n, block_k, num_warps, num_stages) tried per kernel
     "gemm": [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3),
-             (256, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4)],
+             (256, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 32, 4, 4), (64, 64, 8, 3), (64, 128, 8, 3),
+             (64, 64, 8, 4), (128, 64, 8, 4)],
     "lora_backward": [(32, 64, 4, 3), (32, 128, 4, 3), (32, 256, 4, 2), (64, 64, 4, 3), (32, 64, 2, 4)],
     "outer": [(64, 64, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (256, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
 }
@@ -207,7 +220,8 @@ def main() -> None:
         triton_train._configs = lambda gate_up: chosen  # noqa: E731  the rows below run the tuned tiles
     rows = layer_rows(args.tokens)
     if args.profile:
-        print(profile_layer(max(args.tokens)), flush=True)
+        for tokens in args.tokens:
+            print(profile_layer(tokens), flush=True)
     if not args.skip_steps:
         from benchmarks.train_distributed import run_all
 

@@ -172,13 +172,20 @@ def test_compiled_generate_with_static_cache(qwen3_path):
     assert torch.equal(compiled, eager)
 
 
-@pytest.mark.parametrize("T,k,num_experts,block_m", [(1, 8, 128, 16), (3, 2, 3, 4), (64, 8, 128, 16), (37, 3, 6, 16)])
-def test_small_routing_kernel_equals_torch_alignment(T, k, num_experts, block_m):
-    from peft_shared_moe.ops.block_routing import _align_small, _align_torch
+@pytest.mark.parametrize("kernel", ["small", "large"])
+@pytest.mark.parametrize("T,k,num_experts,block_m", [(1, 8, 128, 16), (3, 2, 3, 4), (64, 8, 128, 16), (37, 3, 6, 16),
+                                                     (300, 8, 128, 64), (700, 2, 6, 16)])
+def test_routing_kernels_equal_torch_alignment(kernel, T, k, num_experts, block_m):
+    """Both Triton alignments give the torch reference's result, order within an expert included
+    (several chunks of ALIGN_CHUNK pairs at T = 300 and 700; experts left empty at E = 128)."""
+    from peft_shared_moe.ops.block_routing import SMALL_PAIRS, _align_large, _align_small, _align_torch
 
+    if kernel == "small" and T * k > SMALL_PAIRS:
+        pytest.skip("the single-program kernel is for decode-sized batches")
     gen = torch.Generator().manual_seed(T)
     idx = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(T)]).to(DEVICE)
-    fast, slow = _align_small(idx, num_experts, block_m), _align_torch(idx, num_experts, block_m)
+    align = _align_small if kernel == "small" else _align_large
+    fast, slow = align(idx, num_experts, block_m), _align_torch(idx, num_experts, block_m)
     assert torch.equal(fast.sorted_pair_ids, slow.sorted_pair_ids)
     assert torch.equal(fast.expert_of_block, slow.expert_of_block)
     assert torch.equal(fast.num_padded_rows, slow.num_padded_rows)
@@ -212,9 +219,10 @@ from tests.conftest import qwen3_moe_config, save_random_model  # noqa: E402
 LAYOUT = ExpertsLayout(E, 32, 16)
 
 
-def small_problem(dtype=torch.float32, shared: bool = True):
+def small_problem(dtype=torch.float32, shared: bool = True, device: str = DEVICE):
     x, idx, w, gate_up, down, factors = make_problem(5, 2, shared, dtype, seed=3)
-    return x, idx, w, gate_up, down, as_lora(factors, 0.5)
+    x, idx, w, gate_up, down = (t.to(device) for t in (x, idx, w, gate_up, down))
+    return x, idx, w, gate_up, down, as_lora({f: t.to(device) for f, t in factors.items()}, 0.5)
 
 
 @pytest.fixture
@@ -287,7 +295,7 @@ def test_triton_layer_with_gelu_experts_is_refused_and_auto_is_exact(tmp_path, a
 
 def test_triton_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setattr(triton_experts, "interpreter_active", lambda: False)
-    x, idx, w, gate_up, down, lora = small_problem()
+    x, idx, w, gate_up, down, lora = small_problem(device="cpu")
     with torch.no_grad():
         with pytest.raises(TritonBackendError, match="need a CUDA device"):
             triton_forward(x, idx, w, gate_up, down, F.silu, lora=lora)

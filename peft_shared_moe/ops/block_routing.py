@@ -12,9 +12,11 @@ All sizes that depend on the routing stay on the device: the buffers are allocat
 case (`max_blocks`), and programs past `num_padded_rows` return at once. No host synchronisation,
 so the path can be captured in a CUDA graph.
 
-Two implementations with one result: a handful of torch ops (any size), and for decode-sized
-batches (S <= SMALL_PAIRS) one single-program Triton kernel, since there the dozen tiny torch launches
-would cost more than the expert GEMMs themselves.
+Three implementations with one result (pairs of one expert keep their order, so reductions over an
+expert's blocks are deterministic): `_align_torch`, a few dozen torch ops, the reference; for
+decode-sized batches (S <= SMALL_PAIRS) one single-program Triton kernel; above that three Triton
+kernels over chunks of pairs (count per chunk, offsets, place), since each torch launch costs host
+time that a training step or a large prefill pays once per layer.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ SMALL_PAIRS = 128
 def align_pairs_to_blocks(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> BlockRouting:
     if top_k_index.numel() <= SMALL_PAIRS:
         return _align_small(top_k_index, num_experts, block_m)
-    return _align_torch(top_k_index, num_experts, block_m)
+    return _align_large(top_k_index, num_experts, block_m)
 
 
 def _align_torch(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> BlockRouting:
@@ -149,4 +151,79 @@ def _align_small(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> B
         CHUNK=64,
         num_warps=8,
     )
+    return BlockRouting(num_pairs, sorted_pair_ids, expert_of_block, num_padded_rows)
+
+
+# Pairs per program of the large-batch kernels; a chunk is sorted in registers (keys expert * CHUNK + index).
+ALIGN_CHUNK = 1024
+
+
+@triton.jit
+def _chunk_counts_kernel(expert_ids_ptr, counts_ptr, num_pairs, num_experts, CHUNK: tl.constexpr,
+                         BLOCK_E: tl.constexpr):
+    chunk = tl.program_id(0)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    expert = tl.load(expert_ids_ptr + offs, mask=offs < num_pairs, other=num_experts).to(tl.int32)
+    tl.store(counts_ptr + chunk * BLOCK_E + tl.arange(0, BLOCK_E), tl.histogram(expert, BLOCK_E))
+
+
+@triton.jit
+def _chunk_offsets_kernel(
+    counts_ptr,  # (chunks, BLOCK_E) pairs of each expert in each chunk
+    base_ptr,  # (chunks, BLOCK_E) out: where a chunk's pairs of an expert start, less their offset in the chunk's sort
+    expert_of_block_ptr, num_padded_rows_ptr,
+    num_chunks, num_experts, num_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    e_ok = offs_e < num_experts
+    total = tl.zeros((BLOCK_E,), tl.int32)
+    for chunk in range(num_chunks):
+        total += tl.load(counts_ptr + chunk * BLOCK_E + offs_e)
+    total = tl.where(e_ok, total, 0)
+    padded = (total + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    tl.store(num_padded_rows_ptr, tl.sum(padded, axis=0))
+    running = padded_end - padded  # the next free row of each expert
+    for chunk in range(num_chunks):
+        counts = tl.where(e_ok, tl.load(counts_ptr + chunk * BLOCK_E + offs_e), 0)
+        tl.store(base_ptr + chunk * BLOCK_E + offs_e, running - (tl.cumsum(counts, axis=0) - counts))
+        running += counts
+    for first in range(0, num_blocks, BLOCK_B):  # expert of a block: experts ending at or before its first row
+        offs_b = first + tl.arange(0, BLOCK_B)
+        ends_before = (padded_end[None, :] <= (offs_b * BLOCK_M)[:, None]) & e_ok[None, :]
+        tl.store(expert_of_block_ptr + offs_b, tl.sum(ends_before.to(tl.int32), axis=1), mask=offs_b < num_blocks)
+
+
+@triton.jit
+def _place_pairs_kernel(expert_ids_ptr, base_ptr, sorted_pair_ids_ptr, num_pairs, num_experts, CHUNK: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    chunk = tl.program_id(0)
+    local = tl.arange(0, CHUNK)
+    offs = chunk * CHUNK + local
+    expert = tl.load(expert_ids_ptr + offs, mask=offs < num_pairs, other=num_experts).to(tl.int32)
+    keys = tl.sort(expert * CHUNK + local)  # by expert, then by pair: a stable sort of the chunk
+    expert = keys // CHUNK
+    routed = expert < num_experts
+    row = tl.load(base_ptr + chunk * BLOCK_E + expert, mask=routed, other=0) + local
+    tl.store(sorted_pair_ids_ptr + row, chunk * CHUNK + keys % CHUNK, mask=routed)
+
+
+def _align_large(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> BlockRouting:
+    num_pairs = top_k_index.numel()
+    device = top_k_index.device
+    flat = top_k_index.reshape(-1)
+    chunks = triton.cdiv(num_pairs, ALIGN_CHUNK)
+    block_e = triton.next_power_of_2(num_experts + 1)  # bin E collects the masked lanes
+    blocks = max_blocks(num_pairs, num_experts, block_m)
+    counts = torch.empty(chunks, block_e, dtype=torch.int32, device=device)
+    base = torch.empty_like(counts)
+    sorted_pair_ids = torch.full((blocks * block_m,), num_pairs, dtype=torch.int32, device=device)
+    expert_of_block = torch.empty(blocks, dtype=torch.int32, device=device)
+    num_padded_rows = torch.empty(1, dtype=torch.int32, device=device)
+    _chunk_counts_kernel[(chunks,)](flat, counts, num_pairs, num_experts, CHUNK=ALIGN_CHUNK, BLOCK_E=block_e)
+    _chunk_offsets_kernel[(1,)](counts, base, expert_of_block, num_padded_rows, chunks, num_experts, blocks,
+                                BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_B=max(16, 2**16 // block_e), num_warps=8)
+    _place_pairs_kernel[(chunks,)](flat, base, sorted_pair_ids, num_pairs, num_experts, CHUNK=ALIGN_CHUNK,
+                                   BLOCK_E=block_e, num_warps=8)
     return BlockRouting(num_pairs, sorted_pair_ids, expert_of_block, num_padded_rows)

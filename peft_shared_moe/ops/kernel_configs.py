@@ -33,6 +33,7 @@ class KernelConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 8  # row blocks whose column tiles run together (L2 reuse), see triton_experts._tile_of_program
 
 
 @lru_cache(maxsize=None)

@@ -39,6 +39,19 @@ from .triton_support import TritonBackendError
 
 
 @triton.jit
+def _tile_of_program(num_pid_n, GROUP_M: tl.constexpr):
+    """(row block, column tile) of this program in a 1D grid, GROUP_M row blocks at a time: the
+    programs running together share their row blocks and their experts' weight tiles in L2, instead
+    of every row block being read from memory once per column tile."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group_size, (pid % in_group) // group_size
+
+
+@triton.jit
 def _expert_gemm(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, K, stride_xk, stride_wk, up_offset,
                  GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
@@ -110,10 +123,10 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32": float32 products follow torch's matmul precision
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_of_program(tl.cdiv(N, BLOCK_N) + HAS_SHRINK, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
         return
     expert = tl.load(expert_of_block_ptr + pid_m).to(tl.int64)
@@ -223,7 +236,7 @@ def _launch(
     if shrink is not None:
         rank = shrink_w.shape[1]
     block_r = max(16, triton.next_power_of_2(max(rank, 1)))
-    grid = (routing.max_blocks, triton.cdiv(n, config.block_n) + (shrink is not None))
+    grid = (routing.max_blocks * (triton.cdiv(n, config.block_n) + (shrink is not None)),)
     flags = (gated, expand is not None, shrink is not None, store_pre is not None, block_r, config, precision)
     stages = _STAGES_THAT_FIT.get(flags, config.num_stages)
     while True:
@@ -252,6 +265,7 @@ def _launch(
                 BLOCK_N=config.block_n,
                 BLOCK_K=config.block_k,
                 BLOCK_R=block_r,
+                GROUP_M=config.group_m,
                 DOT_PRECISION=precision,
                 num_warps=config.num_warps,
                 num_stages=stages,

@@ -21,9 +21,10 @@ Backward, given dy (T, H):
    the shared A's gradient is one GEMM `(sum_k da)^T x` over the tokens
 
 No factor is expanded per expert. The base weights get no gradient: a base that requires one is
-refused (`triton_experts.triton_refusals`). Both halves are `torch.library` custom ops with
-registered autograd, so torch.compile keeps a layer in one graph and gradient checkpointing
-recomputes the forward op.
+refused (`triton_experts.triton_refusals`). Under torch.compile both halves are `torch.library`
+custom ops with registered autograd, so a layer stays in one graph; eagerly the same two functions
+run as an autograd.Function (the op dispatcher costs host time per call). Gradient checkpointing
+recomputes the forward either way.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import triton.language as tl
 from .block_routing import BlockRouting, align_pairs_to_blocks, max_blocks
 from .kernel_configs import KernelConfig, TrainConfigs, train_configs
 from .torch_experts import ExpertLoraFactors, is_shared
-from .triton_experts import _expert_gemm, _launch, _like, _lora_dot, _stack, dot_precision
+from .triton_experts import _expert_gemm, _launch, _like, _lora_dot, _stack, _tile_of_program, dot_precision
 
 
 @triton.jit
@@ -69,10 +70,10 @@ def _gated_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_of_program(tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
         return
     expert = tl.load(expert_of_block_ptr + pid_m).to(tl.int64)
@@ -181,8 +182,7 @@ def _configs(gate_up: torch.Tensor) -> TrainConfigs:
     return train_configs(num_experts, hidden, two_inter // 2, gate_up.device)
 
 
-@torch.library.custom_op("peft_shared_moe::experts_lora_train_forward", mutates_args=())
-def experts_lora_train_forward(
+def _train_forward(
     x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
     down: torch.Tensor, a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor,
     a_down: torch.Tensor, b_down: torch.Tensor, scaling: float,
@@ -226,6 +226,17 @@ def experts_lora_train_forward(
     return y, pre, a, zw, routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows
 
 
+@torch.library.custom_op("peft_shared_moe::experts_lora_train_forward", mutates_args=())
+def experts_lora_train_forward(
+    x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
+    down: torch.Tensor, a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor,
+    a_down: torch.Tensor, b_down: torch.Tensor, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_train_forward` as one opaque op for torch.compile."""
+    return _train_forward(x, top_k_index, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down,
+                          scaling)
+
+
 @experts_lora_train_forward.register_fake
 def _(x, top_k_index, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down, scaling):
     num_tokens, top_k = top_k_index.shape
@@ -244,8 +255,7 @@ def _(x, top_k_index, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, 
     )
 
 
-@torch.library.custom_op("peft_shared_moe::experts_lora_train_backward", mutates_args=())
-def experts_lora_train_backward(
+def _train_backward(
     dy: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, a_down: torch.Tensor,
     b_down: torch.Tensor, pre: torch.Tensor, a: torch.Tensor, zw: torch.Tensor, sorted_pair_ids: torch.Tensor,
@@ -283,7 +293,7 @@ def experts_lora_train_backward(
         n_tiles = triton.cdiv(inter, k_cfg.block_n)
         w_grad_parts = torch.empty(num_pairs, n_tiles, dtype=torch.float32, device=x.device)
         w_view, b_view = down.transpose(1, 2), a_down.transpose(1, 2)  # (E, I, H), (E, I, r)
-        _gated_backward_kernel[(routing.max_blocks, n_tiles)](
+        _gated_backward_kernel[(routing.max_blocks * n_tiles,)](
             dy, w_view, bt_dy, b_view, pre, pair_weights, d_pre, h, w_grad_parts,
             routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
             inter, hidden, rank, num_pairs, float(s),
@@ -291,7 +301,7 @@ def experts_lora_train_backward(
             bt_dy.stride(0), bt_dy.stride(1), b_view.stride(0), b_view.stride(1), b_view.stride(2),
             pre.stride(0), pre.stride(1), h.stride(0), h.stride(1), w_grad_parts.stride(0),
             X_ROW_DIV=top_k, LORA_ROW_DIV=bt_row_div, BLOCK_M=cfg.block_m, BLOCK_N=k_cfg.block_n,
-            BLOCK_K=k_cfg.block_k, BLOCK_R=_block_r(rank), DOT_PRECISION=precision,
+            BLOCK_K=k_cfg.block_k, BLOCK_R=_block_r(rank), GROUP_M=k_cfg.group_m, DOT_PRECISION=precision,
             num_warps=k_cfg.num_warps, num_stages=k_cfg.num_stages,
         )
         grad_w = w_grad_parts.sum(dim=1).view(num_tokens, top_k).to(top_k_weights.dtype) if need_w else x.new_empty(0)
@@ -343,6 +353,18 @@ def experts_lora_train_backward(
     return [dx, grad_w, grad_a_gate, grad_a_up, grad_b_gate, grad_b_up, grad_a_down, grad_b_down]
 
 
+@torch.library.custom_op("peft_shared_moe::experts_lora_train_backward", mutates_args=())
+def experts_lora_train_backward(
+    dy: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+    a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, a_down: torch.Tensor,
+    b_down: torch.Tensor, pre: torch.Tensor, a: torch.Tensor, zw: torch.Tensor, sorted_pair_ids: torch.Tensor,
+    expert_of_block: torch.Tensor, num_padded_rows: torch.Tensor, scaling: float, need_x: bool, need_w: bool,
+) -> list[torch.Tensor]:
+    """`_train_backward` as one opaque op for torch.compile."""
+    return _train_backward(dy, x, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down, pre, a,
+                           zw, sorted_pair_ids, expert_of_block, num_padded_rows, scaling, need_x, need_w)
+
+
 @experts_lora_train_backward.register_fake
 def _(dy, x, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down, pre, a, zw,
       sorted_pair_ids, expert_of_block, num_padded_rows, scaling, need_x, need_w):
@@ -358,24 +380,39 @@ _FACTORS = ("w1.lora_A", "w3.lora_A", "w1.lora_B", "w3.lora_B", "w2.lora_A", "w2
 
 def _setup_context(ctx, inputs, output) -> None:
     x, top_k_index, top_k_weights, gate_up, down, *factors, scaling = inputs
-    _, pre, a, zw, sorted_pair_ids, expert_of_block, num_padded_rows = output
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(x, top_k_weights, gate_up, down, *factors, pre, a, zw, sorted_pair_ids, expert_of_block,
-                          num_padded_rows)
+    ctx.set_materialize_grads(False)  # no zero gradients built for the kept tensors
+    ctx.save_for_backward(x, top_k_weights, gate_up, down, *factors, *output[1:])
     ctx.scaling = scaling
 
 
-def _backward(ctx, dy, *_kept_grads):
+def _backward_with(backward_fn, ctx, dy):
     x, top_k_weights, gate_up, down, *rest = ctx.saved_tensors
     factors, kept = rest[:6], rest[6:]
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    dx, grad_w, *grad_factors = experts_lora_train_backward(
-        dy, x, top_k_weights, gate_up, down, *factors, *kept, ctx.scaling, need_x, need_w
-    )
+    dx, grad_w, *grad_factors = backward_fn(dy, x, top_k_weights, gate_up, down, *factors, *kept, ctx.scaling, need_x, need_w)
     return (dx if need_x else None, None, grad_w if need_w else None, None, None, *grad_factors, None)
 
 
+def _backward(ctx, dy, *_kept_grads):
+    return _backward_with(experts_lora_train_backward, ctx, dy)
+
+
 experts_lora_train_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerTraining(torch.autograd.Function):
+    """The same two halves outside torch.compile, without the custom op dispatcher's per-call cost."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _train_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, *_kept_grads):
+        return _backward_with(_train_backward, ctx, dy)
 
 
 def triton_train_forward(
@@ -383,11 +420,10 @@ def triton_train_forward(
     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, lora: ExpertLoraFactors,
 ) -> torch.Tensor:
     """The training kernels on one call, after `triton_refusals` found nothing against them."""
-    x = hidden_states.contiguous()
-    out = experts_lora_train_forward(
-        x, top_k_index, top_k_weights, gate_up_proj, down_proj, *(lora[f] for f in _FACTORS), float(lora.scaling)
-    )
-    return out[0]
+    op = experts_lora_train_forward if torch.compiler.is_compiling() else _EagerTraining.apply
+    inputs = (hidden_states.contiguous(), top_k_index, top_k_weights, gate_up_proj, down_proj,
+              *(lora[f] for f in _FACTORS), float(lora.scaling))
+    return op(*inputs)[0]
 
 
 def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
