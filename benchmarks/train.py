@@ -34,12 +34,14 @@ from benchmarks.common import measured_ceilings, time_ms, write_result  # noqa: 
 from benchmarks.moe_layer import E, H, I, K, make_experts, make_lora, peft_target_parameters, routing  # noqa: E402
 from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertsLayout  # noqa: E402
 
-STEP_ROWS = [
-    (mode, 1, layers, seq, batch, impl, gc)
-    for layers, seq, batch, gcs in [(8, 2048, 4, (False, True)), (48, 4096, 1, (True,))]
-    for gc in gcs
-    for impl in ("frozen_base", "peft_target_parameters", "ours", "ours_torch")
-    for mode in ("single",)
+STEP_ROWS = [  # most wanted first, so a run cut short keeps them: 8 layers, 48 layers, then checkpointing at 8
+    ("single", 1, layers, seq, batch, impl, gc)
+    for layers, seq, batch, gc, impls in [
+        (8, 2048, 4, False, ("frozen_base", "ours", "peft_target_parameters", "ours_torch")),
+        (48, 4096, 1, True, ("frozen_base", "ours", "ours_torch", "peft_target_parameters")),
+        (8, 2048, 4, True, ("frozen_base", "ours", "peft_target_parameters", "ours_torch")),
+    ]
+    for impl in impls
 ]
 
 
@@ -199,6 +201,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="*", default=[4096, 16384])
     p.add_argument("--skip-steps", action="store_true", help="the layer rows only")
+    p.add_argument("--skip-layers", action="store_true", help="the step rows only")
     p.add_argument("--step-rows", nargs="*", type=int, help="only these entries of STEP_ROWS (to split long runs)")
     p.add_argument("--workdir", help="where step rows accumulate (reuse it to add rows across runs)")
     p.add_argument("--tune", action="store_true", help="search the training kernels' tiles first (see above)")
@@ -218,7 +221,7 @@ def main() -> None:
         card, entry = next(iter(tuned.items()))
         chosen = kernel_configs.parse_train_configs(next(iter(entry.values())))
         triton_train._configs = lambda gate_up: chosen  # noqa: E731  the rows below run the tuned tiles
-    rows = layer_rows(args.tokens)
+    rows = [] if args.skip_layers else layer_rows(args.tokens)
     if args.profile:
         for tokens in args.tokens:
             print(profile_layer(tokens), flush=True)
