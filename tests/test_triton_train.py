@@ -155,3 +155,74 @@ def test_bfloat16_gradients_within_the_torch_paths_noise(shared):
         errs[backend] = [rel_err(a, b) for a, b in zip(got, want)]
     for name, ours, theirs in zip(["y", "x", "w", *_FACTORS], errs["triton"], errs["torch"]):
         assert ours < 2 * theirs + 1e-3, (name, ours, theirs)
+
+
+def test_every_tile_config_in_the_files_is_complete():
+    """Each card and shape of configs/train_experts.json gives every training kernel a tile with the
+    shared block_m; each card of fused_moe.json a table per kernel; "default" cards exist in both."""
+    import json
+
+    from peft_shared_moe.ops import kernel_configs as kc
+
+    train = json.loads(kc.TRAIN_CONFIG_FILE.read_text())
+    assert "default" in train["default"]
+    for card, shapes in train.items():
+        assert "default" in shapes, card
+        for key, entry in shapes.items():
+            configs = kc.parse_train_configs(entry)
+            assert configs.block_m in (16, 32, 64, 128, 256), (card, key)
+            assert all(getattr(configs, k).block_m == configs.block_m for k in kc.TRAIN_KERNELS), (card, key)
+    inference = json.loads(kc.CONFIG_FILE.read_text())
+    assert "default" in inference
+    for card, kernels in inference.items():
+        assert set(kernels) == {"gate_up", "down"}, card
+        for table in kernels.values():
+            [kc.KernelConfig(**cfg) for cfg in table.values()]
+
+
+def test_training_tiles_by_card_and_shape(monkeypatch):
+    """A tuned shape gets its own entry; another shape the card's default; an unknown card the
+    file's default, with a warning naming the card."""
+    from peft_shared_moe.ops import kernel_configs as kc
+
+    tile = {"block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 2}
+    entry = lambda block_m: {"block_m": block_m, **{k: tile for k in kc.TRAIN_KERNELS}}  # noqa: E731
+    data = {"default": {"default": entry(16)}, "Card X": {"E=8,H=64,I=32": entry(64), "default": entry(32)}}
+    monkeypatch.setattr(kc, "_file", lambda path: data)
+    kc._train_configs.cache_clear()
+    kc._warn_untuned.cache_clear()
+    try:
+        assert kc._train_configs("Card X", kc.shape_key(8, 64, 32)).block_m == 64
+        assert kc._train_configs("Card X", kc.shape_key(8, 64, 48)).block_m == 32
+        with pytest.warns(UserWarning, match="Card Y"):
+            assert kc._train_configs("Card Y", kc.shape_key(8, 64, 32)).block_m == 16
+    finally:
+        kc._train_configs.cache_clear()
+        kc._warn_untuned.cache_clear()
+
+
+def test_a_short_finetune_follows_the_torch_path(qwen3_path):
+    """Twelve SGD steps on one batch from the same start: every loss and the trained factors of the
+    Triton training path equal the torch path's (float32, to 1e-4 and 1e-3), and the loss falls."""
+    runs = {}
+    for backend in ["triton", "torch"]:
+        torch.manual_seed(0)
+        model = get_peft_model(load(qwen3_path, device_map=DEVICE), SharedMoeLoraConfig(r=4, backend=backend))
+        randomize_adapter(model, seed=21, scale=0.1)
+        # SGD: Adam's normalisation turns float32 rounding in a near-zero gradient into a full step
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=20.0)
+        ids = input_ids(batch=4, length=12).to(DEVICE)
+        losses = []
+        for _ in range(12):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        runs[backend] = (losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    (losses, factors), (want_losses, want_factors) = runs["triton"], runs["torch"]
+    assert want_losses[-1] < 0.97 * want_losses[0]
+    for got, want in zip(losses, want_losses):
+        assert abs(got - want) < 1e-4 * abs(want)
+    for name, p in want_factors.items():  # float32 rounding, grown by twelve large steps
+        assert rel_err(factors[name], p) < 1e-3, name
