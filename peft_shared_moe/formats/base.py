@@ -17,6 +17,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..config import SharedMoeLoraConfig
+from ..ops.experts_layout import ExpertsLayout, describe_experts
 from ..tuners import find_targets
 from .io import AdapterFormatError, PathLike, read_json_object
 
@@ -58,24 +59,36 @@ def load_base_config(base: BaseSpec) -> PretrainedConfig:
         raise AdapterFormatError(f"base config {path}: cannot be read ({type(err).__name__}: {str(err)[:300]})") from err
 
 
-def base_modules(base: BaseSpec, targets: list[str]) -> dict[str, Union[ExpertDims, LinearDims]]:
-    """Module path (e.g. `model.layers.0.mlp.experts`) -> its dims, for every module `targets` adapt."""
+def _meta_model(base: BaseSpec):
     config = load_base_config(base)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except _BAD_CONFIG_ERRORS as err:
         raise AdapterFormatError(
             f"base {_name(base)}: no causal-LM model can be built from its {type(config).__name__} "
             f"({type(err).__name__}: {str(err)[:300]})"
         ) from err
+
+
+def base_experts_layouts(base: BaseSpec) -> dict[str, ExpertsLayout]:
+    """Module path -> how each experts block the tuner would adapt stores its weights (storage order,
+    gate/up rows), for layouts whose tensors follow the base's storage (PEFT's target_parameters)."""
+    model = _meta_model(base)
+    found = find_targets(model, SharedMoeLoraConfig(target_modules=["experts"]))
+    return {name: describe_experts(model.get_submodule(name)) for name, kind in found.items() if kind == "experts"}
+
+
+def base_modules(base: BaseSpec, targets: list[str]) -> dict[str, Union[ExpertDims, LinearDims]]:
+    """Module path (e.g. `model.layers.0.mlp.experts`) -> its dims, for every module `targets` adapt."""
+    model = _meta_model(base)
     found = find_targets(model, SharedMoeLoraConfig(target_modules=targets))
     modules: dict[str, Union[ExpertDims, LinearDims]] = {}
     for name, kind in found.items():
         module = model.get_submodule(name)
-        if kind == "experts":
-            num_experts, two_inter, hidden = module.gate_up_proj.shape
-            modules[name] = ExpertDims(num_experts, hidden, two_inter // 2)
+        if kind == "experts":  # the block's own layout: stored (E, 2I, H) or, transposed, (E, H, 2I)
+            layout = describe_experts(module)
+            modules[name] = ExpertDims(layout.num_experts, layout.hidden, layout.inter)
         else:
             modules[name] = LinearDims(module.in_features, module.out_features)
     return modules

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from peft.utils.other import get_pattern_key
 
 from ..config import LORA_INITS, PEFT_TYPE, SHARED_MOE_INITS, ConfigError, validate_lora_fields
 from ..factors import EXPERT_FACTORS, OUTER_FACTORS, PROJECTIONS
+from ..ops.experts_layout import ExpertsLayout
 from .io import AdapterFormatError, Reader, TensorMeta
 
 PREFIX = "base_model.model."
@@ -29,6 +30,8 @@ LAYOUTS = {
     "fused": "experts.gate_up_proj|down_proj.lora_A|lora_B.weight, 3D (gate and up concatenated)",
     "per-expert": "experts.{e}.gate_proj|up_proj|down_proj.lora_A|lora_B.weight, 2D (vLLM)",
     "per-expert-w": "experts.{e}.w1|w3|w2.lora_A|lora_B.weight, 2D",
+    "peft-params": "experts[.base_layer].lora_A|lora_B.weight, 2D [r*E, in] / [out, r*E] (PEFT target_parameters "
+                   "on gate_up_proj and down_proj; needs the base)",
     "dense": "no experts tensors (linear LoRA only)",
 }
 PER_EXPERT_LAYOUTS = ("per-expert", "per-expert-w")
@@ -38,6 +41,8 @@ _EXPERT_KEY = re.compile(
     r"(?P<proj>w1|w2|w3|gate_proj|up_proj|down_proj|gate_up_proj)\.lora_(?P<ab>[AB])\.weight$"
 )
 _LINEAR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+# PEFT's LoRA on an experts block's parameters: one wrapper per targeted parameter, nested (base_layer.)
+_PEFT_PARAM_KEY = re.compile(r"^(?P<module>.+\.experts)\.(?P<nest>(?:base_layer\.)*)lora_(?P<ab>[AB])\.weight$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -96,6 +101,8 @@ def read_settings(config: dict[str, Any], where: str) -> LoraSettings:
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", PEFT_TYPE):
         raise AdapterFormatError(f"{where}: peft_type {peft_type!r} is not supported (expected 'LORA' or {PEFT_TYPE.value!r})")
+    if config.get("target_parameters") and config.get("target_modules") == []:
+        config = {**config, "target_modules": None}  # PEFT's LoRA on parameters only: no module targets
     try:
         validate_lora_fields(config, where, inits=SHARED_MOE_INITS if peft_type == PEFT_TYPE else LORA_INITS,
                              required=("r",))
@@ -153,10 +160,15 @@ def _scan(meta: dict[str, TensorMeta], where: str) -> tuple[dict[str, _Module], 
     for key in sorted(meta, key=natural_key):
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         expert_match, linear_match = _EXPERT_KEY.match(name), _LINEAR_KEY.match(name)
-        if expert_match:
-            module, expert, proj, ab = expert_match.group("module", "expert", "proj", "ab")
-            expert = None if expert is None else int(expert)
-            allowed = _key_layouts(proj, expert is not None)
+        param_match = None if expert_match else _PEFT_PARAM_KEY.match(name)
+        if expert_match or param_match:
+            if expert_match:
+                module, expert, proj, ab = expert_match.group("module", "expert", "proj", "ab")
+                expert = None if expert is None else int(expert)
+                allowed = _key_layouts(proj, expert is not None)
+            else:  # the depth of nesting names the parameter until the shapes and the base say which it is
+                module, expert, ab = param_match.group("module"), None, param_match.group("ab")
+                proj, allowed = f"param{param_match.group('nest').count('.')}", frozenset({"peft-params"})
             if not allowed:
                 unknown.append(key)
                 continue
@@ -197,11 +209,17 @@ class Source:
 
     keys: tuple[str, ...]
     label: str  # how errors name it
-    rows: Optional[tuple[int, int]] = None
+    rows: Optional[tuple[int, ...]] = None  # (start, stop[, step]) along dim 1 of the canonical tensor
     stacked: bool = False
+    # PEFT's LoRA on a 3D parameter of E experts: A is [r*E, in] (expert index slowest), B is
+    # [out, r*E] (expert index fastest); `peft_factor` says which, the tensor is made [E, r, in] or [E, out, r].
+    peft_experts: int = 0
+    peft_factor: str = ""
 
     def load(self, reader: Reader, expert: Optional[int] = None) -> torch.Tensor:
         """The canonical tensor, or only `expert`'s part of it (kept 3D: [1, ...])."""
+        if self.peft_experts:
+            return self._load_peft(reader, expert)
         if self.stacked:
             if expert is not None:
                 return reader.load(self.keys[expert]).unsqueeze(0)
@@ -210,6 +228,18 @@ class Source:
             return reader.load(self.keys[0])
         experts = slice(None) if expert is None else slice(expert, expert + 1)
         return reader.load(self.keys[0], (experts, slice(*self.rows) if self.rows else slice(None)))
+
+    def _load_peft(self, reader: Reader, expert: Optional[int]) -> torch.Tensor:
+        tensor, num_experts = reader.load(self.keys[0]), self.peft_experts
+        if self.peft_factor == "A":
+            tensor = tensor.reshape(num_experts, -1, tensor.shape[-1])
+        else:
+            tensor = tensor.reshape(tensor.shape[0], -1, num_experts).permute(2, 0, 1)
+        if self.rows is not None:
+            tensor = tensor[:, slice(*self.rows)]
+        if expert is not None:
+            tensor = tensor[expert : expert + 1]
+        return tensor.contiguous()
 
     def describe(self, expert: Optional[int]) -> str:
         if self.stacked and expert is not None:
@@ -303,11 +333,68 @@ def _fused_sources(slots, meta, module: str, problems: list[str]) -> dict[str, t
     }
 
 
-def _module_factors(module: str, entry: _Module, layout: str, meta, problems: list[str]) -> list[Factor]:
+def _peft_param_sources(slots, meta, module: str, experts: Optional[ExpertsLayout],
+                        problems: list[str]) -> dict[str, tuple[Source, TensorMeta]]:
+    """The six factors from PEFT's LoRA on `gate_up_proj` and `down_proj` (`target_parameters`).
+
+    PEFT's A acts on the parameter's input dim and B on its output dim in the block's own storage:
+    gate_up's B rows are the 2I storage columns (concatenated or interleaved, as the base's layout
+    says), and gate and up share gate_up's one A. Which pair is which comes from the shapes: gate_up
+    maps H -> 2I, down I -> H.
+    """
+    if experts is None:
+        problems.append(f"{module}: the base model has no fused experts block here to read PEFT's expert tensors against")
+        return {}
+    num_experts, hidden, inter = experts.num_experts, experts.hidden, experts.inter
+    pairs: dict[str, dict[str, str]] = {}
+    for (proj, ab), slot in slots.items():
+        pairs.setdefault(proj, {})[ab] = slot[None]
+    found: dict[str, tuple[str, str, int]] = {}
+    for proj, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            problems.append(f"{module}: {next(iter(pair.values()))} has no lora_{'B' if 'A' in pair else 'A'} beside it")
+            continue
+        a, b = meta[pair["A"]].shape, meta[pair["B"]].shape
+        param = {(hidden, 2 * inter): "gate_up_proj", (inter, hidden): "down_proj"}.get((a[-1], b[0]))
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] % num_experts or param is None or param in found:
+            problems.append(
+                f"{pair['A']} {list(a)} / {pair['B']} {list(b)}: expected PEFT's [r*E, in] / [out, r*E] LoRA of one "
+                f"of gate_up_proj (H={hidden} -> 2I={2 * inter}) or down_proj (I={inter} -> H={hidden}), E={num_experts}"
+            )
+            continue
+        found[param] = (pair["A"], pair["B"], a[0] // num_experts)
+    for param in ("gate_up_proj", "down_proj"):
+        if param not in found and not problems:
+            problems.append(f"{module}: no PEFT LoRA on {param}; the layout has gate, up and down factors, so both "
+                            f"gate_up_proj and down_proj must be targets")
+    if len(found) < 2:
+        return {}
+
+    def source(key: str, factor: str, shape: tuple[int, ...], rows=None, what: str = "") -> tuple[Source, TensorMeta]:
+        return (Source((key,), key + what, rows=rows, peft_experts=num_experts, peft_factor=factor),
+                TensorMeta(shape, meta[key].dtype))
+
+    (a_gu, b_gu, r_gu), (a_d, b_d, r_d) = found["gate_up_proj"], found["down_proj"]
+    gate_rows, up_rows = ((0, 2 * inter, 2), (1, 2 * inter, 2)) if experts.interleaved else ((0, inter), (inter, 2 * inter))
+    return {
+        "w1.lora_A": source(a_gu, "A", (num_experts, r_gu, hidden)),
+        "w3.lora_A": source(a_gu, "A", (num_experts, r_gu, hidden)),
+        "w1.lora_B": source(b_gu, "B", (num_experts, inter, r_gu), gate_rows, " (gate rows)"),
+        "w3.lora_B": source(b_gu, "B", (num_experts, inter, r_gu), up_rows, " (up rows)"),
+        "w2.lora_A": source(a_d, "A", (num_experts, r_d, inter)),
+        "w2.lora_B": source(b_d, "B", (num_experts, hidden, r_d)),
+    }
+
+
+def _module_factors(module: str, entry: _Module, layout: str, meta, problems: list[str],
+                    experts_of: Callable[[str], Optional[ExpertsLayout]]) -> list[Factor]:
     """The canonical factors of one module, in write order; what is missing goes to `problems`."""
     sources: dict[str, tuple[Source, TensorMeta]] = {}
     if entry.kind == "linear":
         names = direct = ("lora_A", "lora_B")
+    elif layout == "peft-params":
+        names, direct = EXPERT_FACTORS, ()
+        sources.update(_peft_param_sources(entry.keys, meta, module, experts_of(module), problems))
     elif layout == "fused":  # gate and up come from the fused pair, down is read as written
         names, direct = EXPERT_FACTORS, ("w2.lora_A", "w2.lora_B")
         sources.update(_fused_sources(entry.keys, meta, module, problems))
@@ -357,13 +444,22 @@ def _group_id(module: str):
     return module if layer is None else layer
 
 
-def read_factors(meta: dict[str, TensorMeta], where: str) -> tuple[str, list[Factor]]:
+def read_factors(meta: dict[str, TensorMeta], where: str,
+                 experts_of: Optional[Callable[[str], Optional[ExpertsLayout]]] = None) -> tuple[str, list[Factor]]:
     """The adapter's layout and its canonical factors in write order (layer by layer, modules sorted);
-    unknown keys, mixed layouts and incomplete modules raise, listing every problem."""
+    unknown keys, mixed layouts and incomplete modules raise, listing every problem. `experts_of`
+    gives the base's experts layout of a module path; PEFT's target_parameters layout needs it."""
     if not meta:
         raise AdapterFormatError(f"{where}: the adapter holds no tensors")
     modules, layout = _scan(meta, where)
+    if layout == "peft-params" and experts_of is None:
+        raise AdapterFormatError(
+            f"{where}: a PEFT target_parameters adapter (keys like ...experts.lora_A.weight) is read against its base "
+            f"model: pass base= (a config.json or model directory); the base's expert count and its experts' storage "
+            f"(gate/up row order) decide where each row goes"
+        )
     problems: list[str] = []
-    factors = [f for name, entry in modules.items() for f in _module_factors(name, entry, layout, meta, problems)]
+    factors = [f for name, entry in modules.items()
+               for f in _module_factors(name, entry, layout, meta, problems, experts_of or (lambda module: None))]
     raise_problems(f"{where}: incomplete or inconsistent adapter", problems)
     return layout, sorted(factors, key=lambda f: natural_key(f.module))

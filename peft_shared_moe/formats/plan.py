@@ -6,13 +6,14 @@ only data read while planning is what deciding shared-outer needs (and it is che
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from ..factors import EXPERT_FACTORS, factor_shape
-from .base import BaseSpec, ExpertDims, LinearDims, base_modules
+from .base import BaseSpec, ExpertDims, LinearDims, base_experts_layouts, base_modules
 from .io import AdapterFiles, AdapterFormatError, Reader, TensorMeta
 from .layouts import (
     PREFIX,
@@ -197,7 +198,11 @@ def read_plan(
     """
     where = str(files.path)
     settings = read_settings(files.config, f"{where}/adapter_config.json")
-    layout, factors = read_factors(files.reader.meta, where)
+    experts_of = None
+    if base is not None:  # built only if the layout needs it (one more meta-device model)
+        layouts = functools.cache(lambda: base_experts_layouts(base))
+        experts_of = lambda module: layouts().get(module)  # noqa: E731
+    layout, factors = read_factors(files.reader.meta, where, experts_of)
     expected: Optional[dict[str, Union[ExpertDims, LinearDims]]] = None
     if base is not None:
         expected = base_modules(base, native_targets(factors))
