@@ -295,15 +295,6 @@ def test_bias_modes(tmp_path, bias):
     assert torch.equal(logits(reloaded), want)
 
 
-def test_per_sample_adapter_names_are_refused(qwen3_path):
-    model = get_peft_model(load(qwen3_path), config())
-    ids = input_ids()
-    with pytest.raises(NotImplementedError, match="adapter_names"):
-        model(input_ids=ids, adapter_names=["default", "__base__"])
-    with pytest.raises(NotImplementedError, match="adapter_names"):
-        model.generate(input_ids=ids, max_new_tokens=2, adapter_names=["default", "default"])
-
-
 def test_lm_head_target_is_refused(qwen3_path):
     base = load(qwen3_path)
     before = snapshot(base)

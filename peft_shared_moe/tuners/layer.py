@@ -47,9 +47,13 @@ def _storage(base: nn.Module, param_name: str) -> torch.Tensor:
     return local(getattr(base, param_name).data)
 
 
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
 def _check_adapter_name(adapter_name: str) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_NAME:
+        raise ValueError(f"adapter name must be a non-empty string without '.', not {BASE_NAME!r} (it means no "
+                         f"adapter in adapter_names), got {adapter_name!r}")
 
 
 class SharedMoeLoraLayer(BaseTunerLayer):
@@ -127,6 +131,21 @@ class SharedMoeLoraLayer(BaseTunerLayer):
 
     def _active_here(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.scaling]
+
+    def _check_mixed_batch(self) -> None:
+        if self.merged:
+            raise ValueError("adapter_names=[...] with merged adapters: call unmerge_adapter() first")
+        if self.sharding is not None:
+            raise ValueError("adapter_names=[...] is not supported on a tensor / expert parallel model")
+
+    def _rows_by_adapter(self, adapter_names: list[str], rows_per_name: int, device) -> list[tuple[str, torch.Tensor]]:
+        """(name, row indices) per name used, first use first; names not on this layer and
+        "__base__" are grouped under "__base__" (no adapter here). Rows are sample-major."""
+        groups: dict[str, list[int]] = {}
+        for sample, name in enumerate(adapter_names):
+            key = name if name in self.scaling else BASE_NAME
+            groups.setdefault(key, []).extend(range(sample * rows_per_name, (sample + 1) * rows_per_name))
+        return [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
 
     def factor_params(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """Factor name (ending in lora_A / lora_B) -> this adapter's parameter on this layer."""
@@ -285,8 +304,11 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         s = f.scaling
         return self.layout.storage_deltas(s * gate, s * up, s * down)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                adapter_names: Optional[list[str]] = None):
         base = self.get_base_layer()
+        if adapter_names is not None:
+            return self._mixed_batch_forward(base, hidden_states, top_k_index, top_k_weights, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -298,6 +320,27 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
             return self._forward_in_parallel_engine(base, hidden_states, top_k_index, top_k_weights, active)
         lora = self.combined_factors(active)
         return run_experts(base, self.layout, hidden_states, top_k_index, top_k_weights, lora, self.backend[active[0]])
+
+    def _mixed_batch_forward(self, base: nn.Module, hidden_states, top_k_index, top_k_weights, adapter_names):
+        """One adapter per sample (PEFT's `adapter_names`). The gate/up LoRA acts before the gate, so an
+        adapter's output is not the base's plus a delta: each adapter's tokens run the whole experts
+        computation with that adapter, the "__base__" tokens the base block."""
+        self._check_mixed_batch()
+        num_tokens, num_samples = hidden_states.shape[0], len(adapter_names)
+        if num_tokens % num_samples:
+            raise ValueError(f"adapter_names has {num_samples} names (one per sample) but the experts block got "
+                             f"{num_tokens} tokens, not a whole number per sample")
+        out = None
+        for name, rows in self._rows_by_adapter(adapter_names, num_tokens // num_samples, hidden_states.device):
+            args = (hidden_states[rows], top_k_index[rows], top_k_weights[rows])
+            if name == BASE_NAME:
+                part = base(*args)
+            else:
+                part = run_experts(base, self.layout, *args, self.factors(name), self.backend[name])
+            if out is None:
+                out = part.new_empty(num_tokens, *part.shape[1:])
+            out[rows] = part
+        return out
 
     def _forward_in_parallel_engine(self, base: nn.Module, hidden_states, top_k_index, top_k_weights, active):
         """Run through the base block's own parallel hook (transformers' TP / EP), which makes the inputs
@@ -355,6 +398,9 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(base, x, adapter_names, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -371,6 +417,21 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
                 x_in = x.to(A.dtype) if isinstance(dropout, nn.Identity) else dropout(x.to(A.dtype))
                 delta = F.linear(F.linear(x_in, A), B)  # plain functions: this runs per token in generate
             result = result + (self.scaling[name] * delta).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, base: nn.Module, x: torch.Tensor, adapter_names: list[str], *args, **kwargs):
+        """One adapter per sample (PEFT's `adapter_names`): the base once, each adapter's delta on its rows."""
+        self._check_mixed_batch()
+        if x.shape[0] != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch has {x.shape[0]} samples: "
+                             f"one name per sample")
+        result = base(x, *args, **kwargs)
+        for name, rows in self._rows_by_adapter(adapter_names, 1, x.device):
+            if name == BASE_NAME:
+                continue
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            delta = F.linear(F.linear(self.lora_dropout[name](x[rows].to(A.dtype)), A), B)
+            result = result.index_add(0, rows, (self.scaling[name] * delta).to(result.dtype))
         return result
 
     def _sharded_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dropout: nn.Module,

@@ -25,7 +25,7 @@ from ..parallel import (
     local,
     recast_parameter,
 )
-from .layer import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer
+from .layer import BASE_NAME, ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer
 
 
 def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str]:
@@ -274,12 +274,40 @@ class SharedMoeLoraModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError(
-                "adapter_names=[...] (a different adapter per sample) is not supported by SHARED_MOE_LORA yet; "
-                "call set_adapter(name) and run each adapter's samples as their own batch"
-            )
-        yield
+        """`model(..., adapter_names=[...])` / `generate(...)`: one adapter name per sample ("__base__": none),
+        handed to every adapter layer for the length of the call, as PEFT's LoRA does."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names=[...] is for inference: call model.eval() first (training mixes "
+                             "no adapters per sample)")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per sample, got {adapter_names!r}")
+        known = {name for layer in self.model.modules() if isinstance(layer, SharedMoeLoraLayer) for name in layer.scaling}
+        unknown = sorted(set(adapter_names) - known - {BASE_NAME})
+        if unknown:
+            raise ValueError(f"adapter_names names unknown adapter(s) {unknown}; loaded: {sorted(known)} (or {BASE_NAME!r})")
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if isinstance(inputs, torch.Tensor) and inputs.shape[0] != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch has {inputs.shape[0]} "
+                             f"samples: one name per sample")
+        beams = kwargs.get("num_beams")
+        names = [n for n in adapter_names for _ in range(beams)] if isinstance(beams, int) and beams > 1 else list(adapter_names)
+
+        def hand_names(module, args, kwargs):
+            return args, {**kwargs, "adapter_names": names}
+
+        handles = [layer.register_forward_pre_hook(hand_names, with_kwargs=True)
+                   for layer in self.model.modules() if isinstance(layer, SharedMoeLoraLayer)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ---- merging: every layer is checked before any base weight changes ----------------------
 
