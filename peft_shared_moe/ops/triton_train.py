@@ -16,7 +16,8 @@ Backward, given dy (T, H):
 2. `_gated_backward_kernel`: `g = dy W_d + s (B_d^T dy) A_d` per pair, and in its epilogue, from the
    kept pre-activation: the routing weight's gradient <h, g>, `d_pre` (S, 2I) and h (S, I)
 3. `_expert_outer_kernel`, per expert, no atomics (deterministic): the gradients of B_gate, B_up
-   (d_pre against a) and A_down (h against s w B_d^T dy); B_d's is one GEMM on the kept sum
+   (d_pre against a) and A_down (h against B_d^T dy, times s w per pair in the kernel); B_d's is one
+   GEMM on the kept sum
 4. `da = s [d_gate B_gate, d_up B_up]` (S, 2r); `dx = sum_k d_pre W_gu + (sum_k da) [A_gate; A_up]`;
    the shared A's gradient is one GEMM `(sum_k da)^T x` over the tokens
 
@@ -115,7 +116,8 @@ def _gated_backward_kernel(
 def _expert_outer_kernel(
     g_ptr,  # (rows, N); row of pair p is p // G_ROW_DIV
     x_ptr,  # (rows, R); row of pair p is p // X_ROW_DIV
-    out_ptr,  # (E, N, R): out[e] = scaling * sum over e's pairs of g[p]^T x[p]
+    out_ptr,  # (E, N, R): out[e] = scaling * sum over e's pairs of g[p]^T x[p] (times w[p] with ROW_WEIGHT)
+    row_weight_ptr,  # (S,) a weight per pair, read when ROW_WEIGHT
     sorted_pair_ids_ptr,
     block_start_ptr,  # (E + 1,) first block of each expert
     N, R, num_pairs, scaling,
@@ -124,6 +126,7 @@ def _expert_outer_kernel(
     stride_oe, stride_on, stride_or,
     G_ROW_DIV: tl.constexpr,
     X_ROW_DIV: tl.constexpr,
+    ROW_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -147,6 +150,8 @@ def _expert_outer_kernel(
                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         x = tl.load(x_ptr + (pair // X_ROW_DIV)[:, None] * stride_xm + offs_r[None, :] * stride_xr,
                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        if ROW_WEIGHT:
+            x = x * tl.load(row_weight_ptr + pair, mask=row_ok, other=0.0).to(x.dtype)[:, None]
         acc += tl.dot(tl.trans(g), x.to(g.dtype), input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + expert.to(tl.int64) * stride_oe + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or
     tl.store(out_ptrs, (acc * scaling).to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
@@ -158,15 +163,18 @@ def _block_r(rank: int) -> int:
 
 def expert_outer(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, routing: BlockRouting, block_start: torch.Tensor,
                  config: KernelConfig, *, g_row_div: int = 1, x_row_div: int = 1, scaling: float = 1.0,
-                 precision: str = "tf32") -> torch.Tensor:
-    """out[e] (N, R) = scaling * sum over the pairs p routed to e of g[p // g_row_div]^T x[p // x_row_div]."""
+                 row_weight: Optional[torch.Tensor] = None, precision: str = "tf32") -> torch.Tensor:
+    """out[e] (N, R) = scaling * sum over the pairs p routed to e of g[p // g_row_div]^T x[p // x_row_div],
+    each term times row_weight[p] when given."""
     num_experts, n, rank = out.shape
     if g.shape[1] != n or x.shape[1] != rank:
         raise ValueError(f"expert_outer shapes: g {tuple(g.shape)}, x {tuple(x.shape)}, out {tuple(out.shape)}")
     _expert_outer_kernel[(num_experts, triton.cdiv(n, config.block_n))](
-        g, x, out, routing.sorted_pair_ids, block_start, n, rank, routing.num_pairs, float(scaling),
+        g, x, out, row_weight if row_weight is not None else out, routing.sorted_pair_ids, block_start, n, rank,
+        routing.num_pairs, float(scaling),
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        G_ROW_DIV=g_row_div, X_ROW_DIV=x_row_div, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        G_ROW_DIV=g_row_div, X_ROW_DIV=x_row_div, ROW_WEIGHT=row_weight is not None, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
         BLOCK_R=_block_r(rank), DOT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -186,9 +194,10 @@ def _train_forward(
     x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
     down: torch.Tensor, a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor,
     a_down: torch.Tensor, b_down: torch.Tensor, scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor]:
     """(y, and what the backward keeps: pre (S, 2I), a (T|S, 2r), the weighted rank-r down activations
-    (T|S, r), and the block routing's three tensors)."""
+    (T|S, r), [A_gate; A_up] in the activation dtype, and the block routing's three tensors)."""
     with _device_guard(x):
         num_tokens, top_k = top_k_index.shape
         num_experts, two_inter, hidden = gate_up.shape
@@ -223,7 +232,7 @@ def _train_forward(
                     expand=(z, b_down, 1, scaling), pair_weights=pair_weights)
             y = out.view(num_tokens, top_k, hidden).sum(dim=1)
             zw = z * pair_weights.unsqueeze(1).to(dtype)  # (S, r)
-    return y, pre, a, zw, routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows
+    return y, pre, a, zw, stacked_a, routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows
 
 
 @torch.library.custom_op("peft_shared_moe::experts_lora_train_forward", mutates_args=())
@@ -231,7 +240,8 @@ def experts_lora_train_forward(
     x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
     down: torch.Tensor, a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor,
     a_down: torch.Tensor, b_down: torch.Tensor, scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+        torch.Tensor]:
     """`_train_forward` as one opaque op for torch.compile."""
     return _train_forward(x, top_k_index, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down,
                           scaling)
@@ -249,6 +259,7 @@ def _(x, top_k_index, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, 
         x.new_empty(num_pairs, two_inter),
         x.new_empty(num_tokens if is_shared(a_gate) else num_pairs, 2 * rank),
         x.new_empty(num_tokens if is_shared(b_down) else num_pairs, rank),
+        x.new_empty(a_gate.shape[0], 2 * rank, a_gate.shape[2]),
         torch.empty(blocks * _configs(gate_up).block_m, **int32),
         torch.empty(blocks, **int32),
         torch.empty(1, **int32),
@@ -258,7 +269,8 @@ def _(x, top_k_index, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, 
 def _train_backward(
     dy: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, a_down: torch.Tensor,
-    b_down: torch.Tensor, pre: torch.Tensor, a: torch.Tensor, zw: torch.Tensor, sorted_pair_ids: torch.Tensor,
+    b_down: torch.Tensor, pre: torch.Tensor, a: torch.Tensor, zw: torch.Tensor, stacked_a: torch.Tensor,
+    sorted_pair_ids: torch.Tensor,
     expert_of_block: torch.Tensor, num_padded_rows: torch.Tensor, scaling: float, need_x: bool, need_w: bool,
 ) -> list[torch.Tensor]:
     """[dx, d top_k_weights, d a_gate, d a_up, d b_gate, d b_up, d a_down, d b_down]; an unneeded dx or
@@ -307,12 +319,11 @@ def _train_backward(
         grad_w = w_grad_parts.sum(dim=1).view(num_tokens, top_k).to(top_k_weights.dtype) if need_w else x.new_empty(0)
 
         outer = dict(routing=routing, block_start=block_start, config=cfg.outer, precision=precision)
-        # A_down: h against dz = s w (B_d^T dy), both per pair; written through its transpose (E, I, r)
-        pair_bt = bt_dy.view(num_tokens, 1, rank).expand(num_tokens, top_k, rank).reshape(num_pairs, rank) \
-            if shared_out else bt_dy
-        dz = pair_bt * (s * pair_weights).unsqueeze(1).to(dtype)
+        # A_down: h against s w (B_d^T dy) per pair, the weight applied in the kernel; written through
+        # its transpose (E, I, r)
         grad_a_down = torch.empty(a_down.shape, dtype=a_down.dtype, device=x.device)
-        expert_outer(h, dz, grad_a_down.transpose(1, 2), **outer)
+        expert_outer(h, bt_dy, grad_a_down.transpose(1, 2), x_row_div=bt_row_div, scaling=s, row_weight=pair_weights,
+                     **outer)
         if shared_out:  # one GEMM on the kept routing-weighted sum
             grad_b_down = (s * (dy.t() @ zw)).unsqueeze(0).to(b_down.dtype)
         else:
@@ -329,7 +340,6 @@ def _train_backward(
         _launch(d_gate, b_gate.transpose(1, 2), da[:, :rank], routing, cfg.lora_backward, x_row_div=1, precision=precision)
         _launch(d_up, b_up.transpose(1, 2), da[:, rank:], routing, cfg.lora_backward, x_row_div=1, precision=precision)
         da.mul_(s)
-        stacked_a = _stack([a_gate, a_up], dtype)
         dx = x.new_empty(0)
         if shared_in:
             da_tokens = da.view(num_tokens, top_k, 2 * rank).sum(dim=1)  # (T, 2r)
@@ -357,16 +367,17 @@ def _train_backward(
 def experts_lora_train_backward(
     dy: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, a_down: torch.Tensor,
-    b_down: torch.Tensor, pre: torch.Tensor, a: torch.Tensor, zw: torch.Tensor, sorted_pair_ids: torch.Tensor,
+    b_down: torch.Tensor, pre: torch.Tensor, a: torch.Tensor, zw: torch.Tensor, stacked_a: torch.Tensor,
+    sorted_pair_ids: torch.Tensor,
     expert_of_block: torch.Tensor, num_padded_rows: torch.Tensor, scaling: float, need_x: bool, need_w: bool,
 ) -> list[torch.Tensor]:
     """`_train_backward` as one opaque op for torch.compile."""
     return _train_backward(dy, x, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down, pre, a,
-                           zw, sorted_pair_ids, expert_of_block, num_padded_rows, scaling, need_x, need_w)
+                           zw, stacked_a, sorted_pair_ids, expert_of_block, num_padded_rows, scaling, need_x, need_w)
 
 
 @experts_lora_train_backward.register_fake
-def _(dy, x, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down, pre, a, zw,
+def _(dy, x, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down, pre, a, zw, stacked_a,
       sorted_pair_ids, expert_of_block, num_padded_rows, scaling, need_x, need_w):
     return [
         x.new_empty(x.shape if need_x else (0,)),
