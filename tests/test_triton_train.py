@@ -226,3 +226,17 @@ def test_a_short_finetune_follows_the_torch_path(qwen3_path):
         assert abs(got - want) < 1e-4 * abs(want)
     for name, p in want_factors.items():  # float32 rounding, grown by twelve large steps
         assert rel_err(factors[name], p) < 1e-3, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "loop", "torch_fused", "triton"])
+def test_an_empty_batch(backend):
+    """No token at all (T = 0): an empty output and zero gradients, on every backend, in training."""
+    x, idx, w, gate_up, down, factors = problem(3, 2, True, True, torch.float32, seed=6)
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    x, idx, w = x[:0].to(**f32).requires_grad_(True), idx[:0].to(DEVICE), w[:0].to(**f32)
+    lora = {f: t.to(**f32).requires_grad_(True) for f, t in factors.items()}
+    out = EXPERTS_BACKENDS[backend](x, idx, w, gate_up.to(**f32), down.to(**f32), F.silu,
+                                    lora=as_lora(lora, 0.6), layout=LAYOUT)
+    assert out.shape == (0, H)
+    grads = torch.autograd.grad(out.sum(), [x, *lora.values()], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)

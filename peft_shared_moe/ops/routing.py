@@ -50,7 +50,7 @@ class ExpertRouting:
         deterministic on CUDA and accumulates in float32 inside the reduction.
         """
         in_pair_order = torch.empty_like(sorted_rows).index_copy_(0, self.pair_order, sorted_rows)  # (S, D)
-        return in_pair_order.view(self.num_tokens, self.top_k, -1).sum(dim=1)  # (T, D)
+        return in_pair_order.view(self.num_tokens, self.top_k, sorted_rows.shape[-1]).sum(dim=1)  # (T, D)
 
 
 def sort_pairs_by_expert(
