@@ -127,3 +127,35 @@ def test_bad_adapter_names_are_refused(qwen3_path):
         model(input_ids=ids, adapter_names=NAMES)
     with pytest.raises(ValueError, match="__base__"):
         model.add_adapter("__base__", SharedMoeLoraConfig(r=2))
+
+
+def test_modules_to_save_and_shared_experts_follow_the_names(tmp_path):
+    """A copied lm_head (modules_to_save) takes each sample's copy; a targeted linear that gets the
+    tokens flattened (Qwen2-MoE's shared expert) groups them per sample."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(vocab_size=96, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, max_position_embeddings=64)
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or name.endswith("gate.weight"):
+                p.normal_(0, 0.2)
+    targets = dict(target_modules=["experts", "gate_proj"], modules_to_save=["lm_head"])
+    model = get_peft_model(model, SharedMoeLoraConfig(r=4, **targets), adapter_name="a")
+    model.add_adapter("b", SharedMoeLoraConfig(r=2, shared_outer=False, **targets))
+    randomize_adapter(model, "a", seed=1, scale=0.2)
+    randomize_adapter(model, "b", seed=2, scale=0.2)
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["b"].weight.add_(0.5)
+    model.eval()
+    ids = input_ids(batch=3, length=5)
+    mask = torch.ones_like(ids)
+    names = ["b", "a", "__base__"]
+    want = each_alone(model, ids, mask, names)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    assert rel_err(got, want, mask) < 1e-12

@@ -145,7 +145,7 @@ class SharedMoeLoraLayer(BaseTunerLayer):
         for sample, name in enumerate(adapter_names):
             key = name if name in self.scaling else BASE_NAME
             groups.setdefault(key, []).extend(range(sample * rows_per_name, (sample + 1) * rows_per_name))
-        return [(name, torch.tensor(rows, device=device)) for name, rows in groups.items()]
+        return [(name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items()]
 
     def factor_params(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """Factor name (ending in lora_A / lora_B) -> this adapter's parameter on this layer."""
@@ -422,11 +422,11 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
     def _mixed_batch_forward(self, base: nn.Module, x: torch.Tensor, adapter_names: list[str], *args, **kwargs):
         """One adapter per sample (PEFT's `adapter_names`): the base once, each adapter's delta on its rows."""
         self._check_mixed_batch()
-        if x.shape[0] != len(adapter_names):
-            raise ValueError(f"adapter_names has {len(adapter_names)} names but the batch has {x.shape[0]} samples: "
-                             f"one name per sample")
+        if x.shape[0] % len(adapter_names):  # (batch, ...) inputs, or tokens flattened sample-major (shared experts)
+            raise ValueError(f"adapter_names has {len(adapter_names)} names but this layer got {x.shape[0]} rows, "
+                             f"not a whole number per sample: one name per sample")
         result = base(x, *args, **kwargs)
-        for name, rows in self._rows_by_adapter(adapter_names, 1, x.device):
+        for name, rows in self._rows_by_adapter(adapter_names, x.shape[0] // len(adapter_names), x.device):
             if name == BASE_NAME:
                 continue
             A, B = self.lora_A[name].weight, self.lora_B[name].weight

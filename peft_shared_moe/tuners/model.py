@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..config import EXPERTS_TARGET, SharedMoeLoraConfig
@@ -301,8 +302,10 @@ class SharedMoeLoraModel(BaseTuner):
         def hand_names(module, args, kwargs):
             return args, {**kwargs, "adapter_names": names}
 
+        # PEFT's modules_to_save copies take the names too, as under PEFT's LoRA
+        takes_names = (SharedMoeLoraLayer, AuxiliaryTrainingWrapper)
         handles = [layer.register_forward_pre_hook(hand_names, with_kwargs=True)
-                   for layer in self.model.modules() if isinstance(layer, SharedMoeLoraLayer)]
+                   for layer in self.model.modules() if isinstance(layer, takes_names)]
         try:
             yield
         finally:
