@@ -115,3 +115,18 @@ def test_command_line_import_and_its_refusal(qwen3_path, tmp_path, capsys):
                  "--no-progress"]) == 0
     assert main(["inspect", str(tmp_path / "ours"), "--json", "--no-progress"]) == 0
     assert '"shared_outer": false' in capsys.readouterr().out
+
+
+def test_rank_or_alpha_patterns_are_refused(qwen3_path, tmp_path):
+    """PEFT keys them on parameter names, which the converted modules do not have: never dropped silently."""
+    import json
+
+    from tests.conftest import load
+
+    peft_adapter(load(qwen3_path, dtype=torch.float64, experts_implementation="eager"), tmp_path / "peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "alpha_pattern": {"experts.down_proj": 9}}))
+    with pytest.raises(AdapterFormatError, match="alpha_pattern"):
+        import_adapter(tmp_path / "peft", tmp_path / "out", base=qwen3_path)
+    assert not (tmp_path / "out").exists()

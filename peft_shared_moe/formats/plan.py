@@ -203,6 +203,11 @@ def read_plan(
         layouts = functools.cache(lambda: base_experts_layouts(base))
         experts_of = lambda module: layouts().get(module)  # noqa: E731
     layout, factors = read_factors(files.reader.meta, where, experts_of)
+    if layout == "peft-params" and (settings.rank_pattern or settings.alpha_pattern):
+        raise AdapterFormatError(
+            f"{where}/adapter_config.json: rank_pattern / alpha_pattern with PEFT target_parameters are keyed on "
+            f"parameter names (gate_up_proj, down_proj) that the converted modules do not have; not converted"
+        )
     expected: Optional[dict[str, Union[ExpertDims, LinearDims]]] = None
     if base is not None:
         expected = base_modules(base, native_targets(factors))
