@@ -102,10 +102,9 @@ def layer_rows(tokens_list: list[int]) -> list[dict]:
     return rows
 
 
-def profile_layer(tokens: int) -> str:
-    """Where the Triton path's layer forward + backward spends its time: the GPU kernels, by total time."""
-    from torch.profiler import ProfilerActivity, profile
-
+def triton_layer_step(tokens: int):
+    """One forward + backward of the Triton training path on a fresh layer (base frozen, float32
+    factors, input and routing weights needing gradients), as a callable."""
     base = make_experts("grouped_mm")
     for p in base.parameters():
         p.requires_grad_(False)
@@ -116,9 +115,17 @@ def profile_layer(tokens: int) -> str:
     x.requires_grad_(True)
     w.requires_grad_(True)
     probe = torch.randn_like(x)
-    fn = lambda: torch.autograd.backward(  # noqa: E731
-        EXPERTS_BACKENDS["triton"](x, idx, w, base.gate_up_proj, base.down_proj, F.silu, lora=lora,
-                                   layout=ExpertsLayout(E, H, I)), probe)
+    layout = ExpertsLayout(E, H, I)
+    return lambda: torch.autograd.backward(
+        EXPERTS_BACKENDS["triton"](x, idx, w, base.gate_up_proj, base.down_proj, F.silu, lora=lora, layout=layout),
+        probe)
+
+
+def profile_layer(tokens: int) -> str:
+    """Where the Triton path's layer forward + backward spends its time: the GPU kernels, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = triton_layer_step(tokens)
     import time
 
     for _ in range(3):
@@ -154,26 +161,14 @@ def tune(tokens: int) -> dict:
     """Coordinate search over the training kernels' tiles, per block_m; the layer's fwd + bwd time decides."""
     from peft_shared_moe.ops import kernel_configs, triton_train
 
-    base = make_experts("grouped_mm")
-    for p in base.parameters():
-        p.requires_grad_(False)
-    lora = make_lora()
-    for t in lora.values():
-        t.requires_grad_(True)
-    x, idx, w = routing(tokens, seed=tokens)
-    x.requires_grad_(True)
-    w.requires_grad_(True)
-    probe = torch.randn_like(x)
+    step = triton_layer_step(tokens)
 
     def layer_ms(entry: dict) -> float:
         configs = kernel_configs.parse_train_configs(entry)
         triton_train._configs = lambda gate_up: configs  # noqa: E731  (this process only)
-        fn = lambda: torch.autograd.backward(  # noqa: E731
-            EXPERTS_BACKENDS["triton"](x, idx, w, base.gate_up_proj, base.down_proj, F.silu, lora=lora,
-                                       layout=ExpertsLayout(E, H, I)), probe)
         try:
-            fn()
-            return time_ms(fn)
+            step()
+            return time_ms(step)
         except Exception as err:  # a tile that does not fit this card
             print(f"  skipped {entry}: {type(err).__name__}", flush=True)
             return float("inf")

@@ -318,6 +318,10 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if setting == "tf32" else "ieee"
 
 
+def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def triton_refusals(
     hidden_states: torch.Tensor,
     weights: Sequence[torch.Tensor],
@@ -339,7 +343,7 @@ def triton_refusals(
     if lora is not None:
         named.update((f, lora[f]) for f in EXPERT_FACTORS)
     reasons = []
-    if torch.is_grad_enabled() and any(t.requires_grad for t in named.values()):
+    if needs_autograd(*named.values()):
         # the training kernels (triton_train.py) give the input's, the routing weights' and the factors' gradients
         base_grad = [n for n in ("gate_up_proj", "down_proj") if named[n].requires_grad]
         if base_grad:
@@ -469,7 +473,7 @@ def triton_experts_forward(
         if reasons:
             raise TritonBackendError.from_reasons(reasons)
     if lora is not None and torch.is_grad_enabled():
-        from .triton_train import needs_autograd, triton_train_forward
+        from .triton_train import triton_train_forward
 
         if needs_autograd(hidden_states, top_k_weights, *lora.values()):
             return triton_train_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)

@@ -235,16 +235,9 @@ def _train_forward(
     return y, pre, a, zw, stacked_a, routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows
 
 
-@torch.library.custom_op("peft_shared_moe::experts_lora_train_forward", mutates_args=())
-def experts_lora_train_forward(
-    x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
-    down: torch.Tensor, a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor,
-    a_down: torch.Tensor, b_down: torch.Tensor, scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-        torch.Tensor]:
-    """`_train_forward` as one opaque op for torch.compile."""
-    return _train_forward(x, top_k_index, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down,
-                          scaling)
+# Under torch.compile the two halves are opaque ops (the schema comes from their annotations).
+experts_lora_train_forward = torch.library.custom_op(
+    "peft_shared_moe::experts_lora_train_forward", mutates_args=())(_train_forward)
 
 
 @experts_lora_train_forward.register_fake
@@ -363,17 +356,8 @@ def _train_backward(
     return [dx, grad_w, grad_a_gate, grad_a_up, grad_b_gate, grad_b_up, grad_a_down, grad_b_down]
 
 
-@torch.library.custom_op("peft_shared_moe::experts_lora_train_backward", mutates_args=())
-def experts_lora_train_backward(
-    dy: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-    a_gate: torch.Tensor, a_up: torch.Tensor, b_gate: torch.Tensor, b_up: torch.Tensor, a_down: torch.Tensor,
-    b_down: torch.Tensor, pre: torch.Tensor, a: torch.Tensor, zw: torch.Tensor, stacked_a: torch.Tensor,
-    sorted_pair_ids: torch.Tensor,
-    expert_of_block: torch.Tensor, num_padded_rows: torch.Tensor, scaling: float, need_x: bool, need_w: bool,
-) -> list[torch.Tensor]:
-    """`_train_backward` as one opaque op for torch.compile."""
-    return _train_backward(dy, x, top_k_weights, gate_up, down, a_gate, a_up, b_gate, b_up, a_down, b_down, pre, a,
-                           zw, stacked_a, sorted_pair_ids, expert_of_block, num_padded_rows, scaling, need_x, need_w)
+experts_lora_train_backward = torch.library.custom_op(
+    "peft_shared_moe::experts_lora_train_backward", mutates_args=())(_train_backward)
 
 
 @experts_lora_train_backward.register_fake
@@ -435,7 +419,3 @@ def triton_train_forward(
     inputs = (hidden_states.contiguous(), top_k_index, top_k_weights, gate_up_proj, down_proj,
               *(lora[f] for f in _FACTORS), float(lora.scaling))
     return op(*inputs)[0]
-
-
-def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
