@@ -97,14 +97,23 @@ def test_a_deleted_adapter_leaves_no_stale_slot(qwen3_path):
     assert rel_err(got, want, mask) < 1e-12
 
 
-def test_triton_kernels_serve_a_mixed_batch(qwen3_path):
-    """The same through the Triton backend (each adapter's tokens one kernel call; float32)."""
+def test_triton_kernels_serve_a_mixed_batch(qwen3_path, monkeypatch):
+    """The same through the Triton backend, every adapter in one call of the mixed kernels per layer
+    (float32), against each adapter alone on the single-adapter kernels."""
+    from peft_shared_moe.ops import triton_mixed
+
     model = two_adapters(qwen3_path, backend="triton", dtype=torch.float32)
     device = next(model.parameters()).device
     ids, mask = batch(device)
     want = each_alone(model, ids, mask, NAMES)
+    calls = []
+    mixed = triton_mixed.triton_mixed_experts_forward
+    monkeypatch.setattr(triton_mixed, "triton_mixed_experts_forward", lambda *a, **k: calls.append(1) or mixed(*a, **k))
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    from peft_shared_moe.tuners import ExpertsLoraLayer
+
+    assert len(calls) == sum(isinstance(m, ExpertsLoraLayer) for m in model.modules())  # no fallback per adapter
     assert rel_err(got.double(), want.double(), mask) < 1e-5
 
 

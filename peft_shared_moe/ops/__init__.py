@@ -106,6 +106,34 @@ def run_experts(
     )
 
 
+def run_mixed_experts(
+    experts: nn.Module,
+    layout: ExpertsLayout,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    adapters: list[ExpertLoraFactors],
+    backends: list[str],
+    token_slot: torch.Tensor,
+) -> Optional[torch.Tensor]:
+    """A mixed-adapter batch (token t gets `adapters[token_slot[t]]`, none where -1) in one call of the
+    mixed Triton kernels, where every adapter's backend is "auto" or "triton" and they compute this call
+    exactly (`triton_mixed.mixed_refusals`; auto: on CUDA). None otherwise: the caller then runs each
+    adapter's tokens on that adapter's own backend, which also raises what an explicit "triton" refuses."""
+    if "triton" not in EXPERTS_BACKENDS or any(b not in ("auto", "triton") for b in backends):
+        return None
+    from . import triton_experts
+    from .triton_mixed import mixed_refusals, triton_mixed_experts_forward
+
+    weights = (experts.gate_up_proj, experts.down_proj)
+    if mixed_refusals(hidden_states, weights, adapters, top_k_weights=top_k_weights, layout=layout):
+        return None
+    if "triton" not in backends and hidden_states.device.type not in triton_experts.AUTO_DEVICE_TYPES:
+        return None
+    return triton_mixed_experts_forward(hidden_states, top_k_index, top_k_weights, *weights, adapters, token_slot,
+                                        refusals_checked=True)
+
+
 IMPLEMENTATION_NAME = "peft_shared_moe"
 
 
@@ -207,5 +235,6 @@ __all__ = [
     "register_transformers_experts_implementation",
     "resolve_backend",
     "run_experts",
+    "run_mixed_experts",
     "sort_pairs_by_expert",
 ]

@@ -52,6 +52,15 @@ def _tile_of_program(num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _block_pairs(block, sorted_pair_ids_ptr, expert_of_block_ptr, num_pairs, BLOCK_M: tl.constexpr):
+    """The expert of row block `block` and its BLOCK_M pair ids; padding rows get pair 0 and row_ok False."""
+    expert = tl.load(expert_of_block_ptr + block).to(tl.int64)
+    pair = tl.load(sorted_pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_ok = pair < num_pairs
+    return expert, tl.where(row_ok, pair, 0).to(tl.int64), row_ok
+
+
+@triton.jit
 def _expert_gemm(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, K, stride_xk, stride_wk, up_offset,
                  GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
@@ -129,11 +138,7 @@ def _grouped_gemm_kernel(
     pid_m, pid_n = _tile_of_program(tl.cdiv(N, BLOCK_N) + HAS_SHRINK, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
         return
-    expert = tl.load(expert_of_block_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_pair_ids_ptr + offs_m)
-    row_ok = pair < num_pairs
-    pair = tl.where(row_ok, pair, 0).to(tl.int64)
+    expert, pair, row_ok = _block_pairs(pid_m, sorted_pair_ids_ptr, expert_of_block_ptr, num_pairs, BLOCK_M)
     x_row = pair // X_ROW_DIV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N

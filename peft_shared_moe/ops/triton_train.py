@@ -40,7 +40,7 @@ import triton.language as tl
 from .block_routing import BlockRouting, align_pairs_to_blocks, max_blocks
 from .kernel_configs import KernelConfig, TrainConfigs, train_configs
 from .torch_experts import ExpertLoraFactors, is_shared
-from .triton_experts import _expert_gemm, _launch, _like, _lora_dot, _stack, _tile_of_program, dot_precision
+from .triton_experts import _block_pairs, _expert_gemm, _launch, _like, _lora_dot, _stack, _tile_of_program, dot_precision
 
 
 @triton.jit
@@ -77,10 +77,7 @@ def _gated_backward_kernel(
     pid_m, pid_n = _tile_of_program(tl.cdiv(N, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
         return
-    expert = tl.load(expert_of_block_ptr + pid_m).to(tl.int64)
-    pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    row_ok = pair < num_pairs
-    pair = tl.where(row_ok, pair, 0).to(tl.int64)
+    expert, pair, row_ok = _block_pairs(pid_m, sorted_pair_ids_ptr, expert_of_block_ptr, num_pairs, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)

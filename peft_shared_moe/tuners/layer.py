@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import SharedMoeLoraConfig
 from ..factors import EXPERT_FACTORS, PROJECTIONS, factor_shape, fan_in
-from ..ops import AdapterCall, ExpertLoraFactors, describe_experts, run_experts
+from ..ops import AdapterCall, ExpertLoraFactors, describe_experts, run_experts, run_mixed_experts
 from ..parallel import (
     ParallelLayoutError,
     Sharding,
@@ -322,14 +322,25 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         return run_experts(base, self.layout, hidden_states, top_k_index, top_k_weights, lora, self.backend[active[0]])
 
     def _mixed_batch_forward(self, base: nn.Module, hidden_states, top_k_index, top_k_weights, adapter_names):
-        """One adapter per sample (PEFT's `adapter_names`). The gate/up LoRA acts before the gate, so an
-        adapter's output is not the base's plus a delta: each adapter's tokens run the whole experts
-        computation with that adapter, the "__base__" tokens the base block."""
+        """One adapter per sample (PEFT's `adapter_names`). On the Triton backend, one call of the mixed
+        kernels serves every adapter (each token carries its adapter's slot). Otherwise, since the gate/up
+        LoRA acts before the gate (an adapter's output is not the base's plus a delta), each adapter's
+        tokens run the whole experts computation with that adapter, the "__base__" tokens the base block."""
         self._check_mixed_batch()
         num_tokens, num_samples = hidden_states.shape[0], len(adapter_names)
         if num_tokens % num_samples:
             raise ValueError(f"adapter_names has {num_samples} names (one per sample) but the experts block got "
                              f"{num_tokens} tokens, not a whole number per sample")
+        present = list(dict.fromkeys(n for n in adapter_names if n in self.scaling))
+        if present:
+            slot_of = {name: i for i, name in enumerate(present)}
+            per_sample = [slot_of.get(n, -1) for n in adapter_names]
+            token_slot = torch.tensor(per_sample, dtype=torch.int32).repeat_interleave(num_tokens // num_samples)
+            out = run_mixed_experts(base, self.layout, hidden_states, top_k_index, top_k_weights,
+                                    [self.factors(n) for n in present], [self.backend[n] for n in present],
+                                    token_slot.to(hidden_states.device, non_blocking=True))
+            if out is not None:
+                return out
         out = None
         for name, rows in self._rows_by_adapter(adapter_names, num_tokens // num_samples, hidden_states.device):
             args = (hidden_states[rows], top_k_index[rows], top_k_weights[rows])
