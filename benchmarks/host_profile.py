@@ -53,8 +53,41 @@ def block_timings(model, label: str, batch: int = 1) -> None:
           f"attention {attn[0]:.1f} / {attn[1]:.1f}, q_proj {proj[0]:.1f} / {proj[1]:.1f}")
 
 
+def experts_layer_profile() -> None:
+    """Host issue time of one experts call (moe_layer.py's shapes) with and without the adapter."""
+    import torch.nn.functional as F
+
+    from benchmarks.moe_layer import make_experts, make_lora, routing
+    from peft_shared_moe.ops import EXPERTS_BACKENDS
+
+    experts, lora = make_experts("grouped_mm"), make_lora()
+    weights = (experts.gate_up_proj, experts.down_proj)
+    fn = EXPERTS_BACKENDS["triton"]
+    with torch.no_grad():
+        for tokens in (1, 8, 64, 512):
+            x, idx, w = routing(tokens, seed=tokens)
+            with_lora = host_us(lambda: fn(x, idx, w, *weights, F.silu, lora=lora))
+            base = host_us(lambda: fn(x, idx, w, *weights, F.silu))
+            print(f"experts T={tokens}: us issue / done, adapter {with_lora[0]:.1f} / {with_lora[1]:.1f}, "
+                  f"base-only {base[0]:.1f} / {base[1]:.1f}")
+        x, idx, w = routing(512, seed=512)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            fn(x, idx, w, *weights, F.silu, lora=lora)
+        torch.cuda.synchronize()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+        print(text.getvalue())
+
+
 def main() -> None:
     import peft
+
+    experts_layer_profile()
+    if "--layer-only" in sys.argv:
+        return
 
     import peft_shared_moe
 

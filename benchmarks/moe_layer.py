@@ -22,7 +22,7 @@ from peft_shared_moe.factors import EXPERT_FACTORS, factor_shape  # noqa: E402
 from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors  # noqa: E402
 
 E, H, I, K, R = 128, 2048, 768, 8, 32
-GRAPH_TOKENS = 64
+GRAPH_TOKENS = 512
 
 
 def captured(fn):

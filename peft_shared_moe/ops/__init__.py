@@ -118,9 +118,11 @@ def run_mixed_experts(
 ) -> Optional[torch.Tensor]:
     """A mixed-adapter batch (token t gets `adapters[token_slot[t]]`, none where -1) in one call of the
     mixed Triton kernels, where every adapter's backend is "auto" or "triton" and they compute this call
-    exactly (`triton_mixed.mixed_refusals`; auto: on CUDA). None otherwise: the caller then runs each
+    exactly (`triton_mixed.mixed_refusals`; auto: on CUDA), eagerly. None otherwise: the caller then runs each
     adapter's tokens on that adapter's own backend, which also raises what an explicit "triton" refuses."""
     if "triton" not in EXPERTS_BACKENDS or any(b not in ("auto", "triton") for b in backends):
+        return None
+    if torch.compiler.is_compiling():  # the slot table holds raw addresses, which a traced graph cannot
         return None
     from . import triton_experts
     from .triton_mixed import mixed_refusals, triton_mixed_experts_forward

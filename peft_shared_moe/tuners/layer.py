@@ -427,6 +427,11 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
             else:
                 x_in = x.to(A.dtype) if isinstance(dropout, nn.Identity) else dropout(x.to(A.dtype))
                 delta = F.linear(F.linear(x_in, A), B)  # plain functions: this runs per token in generate
+                if not torch.is_grad_enabled():
+                    # inference: scale, cast and add as one in-place op on the base's fresh output (two
+                    # launches fewer per layer and token in eager generate; one rounding instead of two)
+                    result = result.add_(delta, alpha=self.scaling[name])
+                    continue
             result = result + (self.scaling[name] * delta).to(result.dtype)
         return result
 
