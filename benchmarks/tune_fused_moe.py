@@ -19,7 +19,9 @@ from benchmarks.common import card_name, time_ms  # noqa: E402
 from benchmarks.moe_layer import E, H, I, R, make_experts, make_lora, routing  # noqa: E402
 from peft_shared_moe.ops.block_routing import align_pairs_to_blocks  # noqa: E402
 from peft_shared_moe.ops.kernel_configs import CONFIG_FILE, KernelConfig  # noqa: E402
-from peft_shared_moe.ops.triton_experts import _launch, dot_precision, pack_lora  # noqa: E402
+from peft_shared_moe.ops.triton_experts import (  # noqa: E402
+    ExpertGemm, LoraExpansion, LoraShrink, dot_precision, launch, pack_lora,
+)
 
 # (block_m, block_n, block_k, num_warps, num_stages)
 CANDIDATES = {
@@ -28,7 +30,8 @@ CANDIDATES = {
     "mid": [(32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (32, 128, 64, 4, 4), (64, 64, 128, 4, 3),
             (16, 64, 128, 4, 4)],
     "large": [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 4),
-              (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 128, 8, 3), (64, 256, 64, 8, 3)],
+              (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 128, 8, 3), (64, 256, 64, 8, 3),
+              (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 256, 64, 8, 4)],
 }
 TOKENS = {1: "decode", 8: "decode", 64: "decode", 512: "mid", 4096: "large", 16384: "large"}
 
@@ -40,21 +43,16 @@ def time_kernel(kernel: str, config: KernelConfig, x, idx, w, experts, packed) -
     if kernel == "gate_up":
         a = x @ packed.gate_up_A[0].T
         h = torch.empty(num_pairs, I, dtype=x.dtype, device="cuda")
-        expand = (a, packed.gate_B, idx.shape[1], 1.0)
-        run = lambda: _launch(  # noqa: E731
-            x, experts.gate_up_proj, h, block, config, x_row_div=idx.shape[1], precision=dot_precision(x.dtype),
-            gated=True, expand=expand, expand_up_b=packed.up_B,
-        )
+        gemm = ExpertGemm(x, experts.gate_up_proj, h, block, config, dot_precision(x.dtype), x_row_div=idx.shape[1],
+                          gated=True, expansion=LoraExpansion(a, packed.gate_B, 1.0, idx.shape[1], packed.up_B))
     else:
         h = torch.randn(num_pairs, I, dtype=x.dtype, device="cuda")
         out = torch.empty(num_pairs, H, dtype=x.dtype, device="cuda")
-        shrink = (packed.down_A, torch.empty(num_pairs, R, dtype=torch.float32, device="cuda"))
-        run = lambda: _launch(  # noqa: E731
-            h, experts.down_proj, out, block, config, x_row_div=1, precision=dot_precision(x.dtype), shrink=shrink,
-            pair_weights=pair_weights,
-        )
-    run()
-    return time_ms(run)
+        shrink = LoraShrink(packed.down_A, torch.empty(num_pairs, R, dtype=torch.float32, device="cuda"))
+        gemm = ExpertGemm(h, experts.down_proj, out, block, config, dot_precision(x.dtype), shrink=shrink,
+                          pair_weights=pair_weights)
+    launch(gemm)
+    return time_ms(lambda: launch(gemm))
 
 
 def main() -> None:

@@ -116,3 +116,43 @@ def test_autograd_and_other_gates_are_refused():
         triton_mixed_experts_forward(*args)
     with torch.no_grad(), pytest.raises(TritonBackendError, match="SiLU gate"):
         triton_mixed_experts_forward(*args, layout=ExpertsLayout(E, H, I, silu_gate=False))
+
+
+def test_linear_lora_of_a_mixed_batch():
+    """Each row's delta of its own adapter (ranks 4, 8, 19; -1: none) added in place, against float64."""
+    from peft_shared_moe.ops.triton_mixed import mixed_linear_lora_, mixed_linear_lora_refusals
+
+    gen = torch.Generator().manual_seed(5)
+    K, N = 40, 72  # 3 samples of 11 tokens each
+    factors = [(torch.randn(r, K, generator=gen, dtype=torch.float64), torch.randn(N, r, generator=gen, dtype=torch.float64))
+               for r in (4, 8, 19)]
+    scalings = [0.5, 2.0, 1.25]
+    x = torch.randn(3, 11, K, generator=gen, dtype=torch.float64)
+    base = torch.randn(3, 11, N, generator=gen, dtype=torch.float64)
+    sample_slot = [2, -1, 0]
+    want = base.clone()
+    for b, s in enumerate(sample_slot):
+        if s >= 0:
+            want[b] += scalings[s] * x[b] @ factors[s][0].T @ factors[s][1].T
+    for dtype in (torch.float32, torch.float16):
+        out = base.to(DEVICE, dtype)
+        on_device = [(a.to(DEVICE, torch.float32), b.to(DEVICE, torch.float32)) for a, b in factors]
+        xd = x.to(DEVICE, dtype)
+        assert mixed_linear_lora_refusals(xd, out, on_device) == []
+        row_slot = torch.tensor(sample_slot, dtype=torch.int32).repeat_interleave(11).to(DEVICE)
+        got = mixed_linear_lora_(out, xd, on_device, scalings, row_slot)
+        assert got.data_ptr() == out.data_ptr()  # in place
+        assert rel_err(got.cpu(), want) < TOL[dtype]
+        assert torch.equal(got[1].cpu(), base[1].to(dtype))  # no adapter: the base output untouched
+
+
+def test_linear_lora_refusals():
+    from peft_shared_moe.ops.triton_mixed import mixed_linear_lora_refusals
+
+    x, out = torch.randn(4, 8, device=DEVICE), torch.randn(4, 6, device=DEVICE)
+    a, b = torch.randn(2, 8, device=DEVICE), torch.randn(6, 2, device=DEVICE)
+    assert "no backward" in " ".join(mixed_linear_lora_refusals(x, out, [(a.requires_grad_(), b)]))
+    a = a.detach()
+    assert "share one" in " ".join(mixed_linear_lora_refusals(x, out, [(a, b.half())]))
+    assert "share one" in " ".join(mixed_linear_lora_refusals(x.double(), out.double(), [(a.double(), b.double())]))
+    assert "not contiguous" in " ".join(mixed_linear_lora_refusals(x, out.T.contiguous().T, [(a, b)]))

@@ -136,6 +136,25 @@ def run_mixed_experts(
                                         refusals_checked=True)
 
 
+def mixed_linear_lora(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    factors: list[tuple[torch.Tensor, torch.Tensor]],
+    scalings: list[float],
+    row_slot: torch.Tensor,
+) -> Optional[torch.Tensor]:
+    """`result` (a linear's base output) plus, per row, its slot's LoRA delta, in one kernel launch
+    (`triton_mixed.mixed_linear_lora_`), where the kernel computes exactly PEFT's delta; else None and
+    the caller adds each adapter's delta on its rows."""
+    if "triton" not in EXPERTS_BACKENDS or torch.compiler.is_compiling():
+        return None
+    from .triton_mixed import mixed_linear_lora_, mixed_linear_lora_refusals
+
+    if mixed_linear_lora_refusals(x, result, factors):
+        return None
+    return mixed_linear_lora_(result, x, factors, scalings, row_slot)
+
+
 IMPLEMENTATION_NAME = "peft_shared_moe"
 
 
@@ -238,5 +257,6 @@ __all__ = [
     "resolve_backend",
     "run_experts",
     "run_mixed_experts",
+    "mixed_linear_lora",
     "sort_pairs_by_expert",
 ]

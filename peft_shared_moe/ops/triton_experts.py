@@ -1,7 +1,8 @@
 """Triton fused experts: base experts and shared-outer / per-expert LoRA (training: triton_train.py).
 
 Layers of one op, as in the Triton tutorials and vLLM's fused_moe:
-`_grouped_gemm_kernel` (one jit kernel) -> `_launch` (strides, grid, shape checks) ->
+`_grouped_gemm_kernel` (one jit kernel) -> `launch(ExpertGemm)` (one typed description of the problem:
+strides, grid, shape checks) ->
 `triton_experts_forward` (the passes of one MoE layer) -> registered as the "triton" backend.
 
 The passes for one layer (shared-outer adapter):
@@ -156,16 +157,10 @@ def _grouped_gemm_kernel(
         is_shrink_program = pid_n * BLOCK_N >= N
     else:
         is_shrink_program = False
-    if is_shrink_program:
-        acc_r = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if is_shrink_program:  # the same main loop, over the shrink factor's R columns
         s_ptrs = shrink_w_ptr + expert * stride_se + offs_r[None, :] * stride_sr + offs_k[:, None] * stride_sk
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            s = tl.load(s_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc_r += tl.dot(a, s.to(a.dtype), input_precision=DOT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            s_ptrs += BLOCK_K * stride_sk
+        acc_r, _unused = _expert_gemm(x_ptrs, s_ptrs, row_ok, r_ok, offs_k, K, stride_xk, stride_sk, 0,
+                                      False, BLOCK_M, BLOCK_R, BLOCK_K, DOT_PRECISION)
         if MUL_WEIGHT:
             acc_r = acc_r * weight[:, None]
         t_ptrs = shrink_out_ptr + pair[:, None] * stride_tm + offs_r[None, :] * stride_tr
@@ -198,51 +193,78 @@ def _grouped_gemm_kernel(
 _STAGES_THAT_FIT: dict[tuple, int] = {}
 
 
-def _launch(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    out: torch.Tensor,
-    routing: BlockRouting,
-    config: KernelConfig,
-    *,
-    x_row_div: int,
-    precision: str,
-    gated: bool = False,
-    expand: Optional[tuple[torch.Tensor, torch.Tensor, int, float]] = None,
-    expand_up_b: Optional[torch.Tensor] = None,
-    shrink: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    pair_weights: Optional[torch.Tensor] = None,
-    store_pre: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """One grouped GEMM over the expert blocks; see `_grouped_gemm_kernel` for the fused extras.
+@dataclass(slots=True)
+class LoraExpansion:
+    """`+ scaling * lora_in[p // row_div] @ b[e]^T` on each pair p of expert e. Gated, `b` is the gate
+    half's factor and `b_up` the up half's (two tensors, so nothing is concatenated per call), read
+    from lora_in's first and second r columns. Factors are cast to the activation dtype as loaded."""
 
-    expand = (lora_in, lora_b, lora_row_div, scaling); with `gated`, lora_b is the gate half's factor
-    and `expand_up_b` the up half's (two tensors, so nothing is concatenated per call); shrink =
-    (shrink_w, shrink_out); precision is the `tl.dot` input precision (`dot_precision`); `store_pre`
-    (S, 2N), gated only, receives [gate; up] before the SiLU. Factor tiles are cast to the activation
-    dtype as they are loaded, so factors may be passed in their own dtype.
+    lora_in: torch.Tensor  # (rows, r), or (rows, 2r) when gated
+    b: torch.Tensor  # (E, N, r)
+    scaling: float = 1.0
+    row_div: int = 1
+    b_up: Optional[torch.Tensor] = None  # (E, N, r), strided like b
+
+
+@dataclass(slots=True)
+class LoraShrink:
+    """An extra column of programs writes `w_p * x[p] @ a[e]^T` (w_p: the GEMM's routing weight, if any)."""
+
+    a: torch.Tensor  # (E, r, K)
+    out: torch.Tensor  # (S, r)
+
+
+@dataclass(slots=True)
+class ExpertGemm:
+    """One grouped GEMM over a routing's expert blocks, the one problem every experts kernel launch
+    describes: for each pair p of expert e,
+    out[p] = w_p * act(x[p // x_row_div] @ weight[e]^T + expansion), act = SiLU(gate) * up when gated.
     """
+
+    x: torch.Tensor  # (rows, K)
+    weight: torch.Tensor  # (E, N, K), or (E, 2N, K) [gate; up] when gated
+    out: torch.Tensor  # (S, N)
+    routing: BlockRouting
+    config: KernelConfig
+    precision: str  # tl.dot's input precision (`dot_precision`)
+    x_row_div: int = 1
+    gated: bool = False
+    expansion: Optional[LoraExpansion] = None
+    shrink: Optional[LoraShrink] = None
+    pair_weights: Optional[torch.Tensor] = None  # (S,)
+    store_pre: Optional[torch.Tensor] = None  # (S, 2N): [gate; up] before the SiLU (the training forward)
+
+
+def launch(gemm: ExpertGemm) -> torch.Tensor:
+    """Run `gemm` in `_grouped_gemm_kernel`; checks its shapes, returns `gemm.out`."""
+    x, weight, out, routing, config = gemm.x, gemm.weight, gemm.out, gemm.routing, gemm.config
+    expand, shrink, gated = gemm.expansion, gemm.shrink, gemm.gated
     num_experts, n_w, k = weight.shape
     n = n_w // 2 if gated else n_w
     if x.shape[-1] != k or out.shape != (routing.num_pairs, n):
         raise ValueError(f"grouped GEMM shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)}")
     rank = 0
     # Unused pointers get stand-ins (never read: the flags compile those loads away).
-    lora_in, lora_b, lora_row_div, scaling = expand if expand is not None else (out, weight, 1, 0.0)
-    shrink_w, shrink_out = shrink if shrink is not None else (weight, out)
+    lora_in, lora_b, lora_row_div, scaling = (
+        (expand.lora_in, expand.b, expand.row_div, expand.scaling) if expand is not None else (out, weight, 1, 0.0))
+    shrink_w, shrink_out = (shrink.a, shrink.out) if shrink is not None else (weight, out)
+    lora_b_up = lora_b
     if expand is not None:
         rank = lora_b.shape[-1]
-        if gated and (expand_up_b is None or expand_up_b.shape != lora_b.shape or expand_up_b.stride() != lora_b.stride()):
-            raise ValueError(f"gated expansion needs an up factor shaped and strided like {tuple(lora_b.shape)}")
-    lora_b_up = expand_up_b if expand_up_b is not None else lora_b
+        if gated:
+            lora_b_up = expand.b_up
+            if lora_b_up is None or lora_b_up.shape != lora_b.shape or lora_b_up.stride() != lora_b.stride():
+                raise ValueError(f"gated expansion needs an up factor shaped and strided like {tuple(lora_b.shape)}")
+    store_pre = gemm.store_pre
     if store_pre is not None and (not gated or store_pre.shape != (routing.num_pairs, 2 * n)):
         raise ValueError(f"store_pre must be (S, 2N) = ({routing.num_pairs}, {2 * n}) of a gated GEMM, got {tuple(store_pre.shape)}")
     pre = store_pre if store_pre is not None else out
     if shrink is not None:
         rank = shrink_w.shape[1]
+    pair_weights = gemm.pair_weights
     block_r = max(16, triton.next_power_of_2(max(rank, 1)))
     grid = (routing.max_blocks * (triton.cdiv(n, config.block_n) + (shrink is not None)),)
-    flags = (gated, expand is not None, shrink is not None, store_pre is not None, block_r, config, precision)
+    flags = (gated, expand is not None, shrink is not None, store_pre is not None, block_r, config, gemm.precision)
     stages = _STAGES_THAT_FIT.get(flags, config.num_stages)
     while True:
         try:
@@ -259,7 +281,7 @@ def _launch(
                 shrink_w.stride(0), shrink_w.stride(1), shrink_w.stride(2),
                 shrink_out.stride(0), shrink_out.stride(1),
                 pre.stride(0), pre.stride(1),
-                X_ROW_DIV=x_row_div,
+                X_ROW_DIV=gemm.x_row_div,
                 LORA_ROW_DIV=lora_row_div,
                 GATED=gated,
                 HAS_EXPAND=expand is not None,
@@ -271,7 +293,7 @@ def _launch(
                 BLOCK_K=config.block_k,
                 BLOCK_R=block_r,
                 GROUP_M=config.group_m,
-                DOT_PRECISION=precision,
+                DOT_PRECISION=gemm.precision,
                 num_warps=config.num_warps,
                 num_stages=stages,
             )
@@ -551,15 +573,13 @@ def _fused_experts(
         if packed is not None:
             if is_shared(packed.gate_up_A):
                 a = x @ packed.gate_up_A[0].T  # (T, 2r): shared A once per token
-                expand = (a, packed.gate_B, top_k, packed.scaling)
+                expand = LoraExpansion(a, packed.gate_B, packed.scaling, top_k, packed.up_B)
             else:
                 a = torch.empty(num_pairs, packed.gate_up_A.shape[1], dtype=dtype, device=x.device)
-                _launch(x, packed.gate_up_A, a, routing_up, config_up, x_row_div=top_k, precision=precision)  # (S, 2r)
-                expand = (a, packed.gate_B, 1, packed.scaling)
-        _launch(
-            x, gate_up_proj, h, routing_up, config_up, x_row_div=top_k, precision=precision, gated=True,
-            expand=expand, expand_up_b=packed.up_B if packed is not None else None,
-        )
+                launch(ExpertGemm(x, packed.gate_up_A, a, routing_up, config_up, precision, x_row_div=top_k))  # (S, 2r)
+                expand = LoraExpansion(a, packed.gate_B, packed.scaling, 1, packed.up_B)
+        launch(ExpertGemm(x, gate_up_proj, h, routing_up, config_up, precision, x_row_div=top_k, gated=True,
+                          expansion=expand))
 
         rank_out = packed.down_B.shape[-1] if packed is not None and is_shared(packed.down_B) else 0
         # Shared B_down: the routing-weighted shrink lands in `rank_out` extra columns beside the down
@@ -567,15 +587,13 @@ def _fused_experts(
         out = torch.empty(num_pairs, hidden + rank_out, dtype=dtype, device=x.device)
         shrink = down_expand = None
         if rank_out:
-            shrink = (packed.down_A, out[:, hidden:])
+            shrink = LoraShrink(packed.down_A, out[:, hidden:])
         elif packed is not None:
             a_down = torch.empty(num_pairs, packed.down_A.shape[1], dtype=dtype, device=x.device)
-            _launch(h, packed.down_A, a_down, routing_down, config_down, x_row_div=1, precision=precision)
-            down_expand = (a_down, packed.down_B, 1, packed.scaling)
-        _launch(
-            h, down_proj, out[:, :hidden], routing_down, config_down,
-            x_row_div=1, precision=precision, expand=down_expand, shrink=shrink, pair_weights=pair_weights,
-        )
+            launch(ExpertGemm(h, packed.down_A, a_down, routing_down, config_down, precision))
+            down_expand = LoraExpansion(a_down, packed.down_B, packed.scaling)
+        launch(ExpertGemm(h, down_proj, out[:, :hidden], routing_down, config_down, precision, expansion=down_expand,
+                          shrink=shrink, pair_weights=pair_weights))
         summed = out.view(num_tokens, top_k, hidden + rank_out).sum(dim=1)  # (T, H + r)
         if not rank_out:
             return summed

@@ -37,7 +37,9 @@ from .block_routing import BlockRouting, align_pairs_to_blocks
 from .experts_layout import ExpertsLayout
 from .kernel_configs import KernelConfig, kernel_config
 from .torch_experts import ExpertLoraFactors, is_shared
-from .triton_experts import _block_pairs, _expert_gemm, _tile_of_program, dot_precision, needs_autograd, triton_refusals
+from .triton_experts import (
+    ExpertGemm, _block_pairs, _expert_gemm, _tile_of_program, dot_precision, needs_autograd, triton_refusals,
+)
 from .triton_support import TritonBackendError
 
 # Columns of a slot table row: the six factors' addresses (EXPERT_FACTORS order: gate A, gate B,
@@ -291,10 +293,24 @@ class SlotTable:
     any_shared_b: bool
 
 
-# Address tables by the exact addresses, shapes and dtypes they hold: a table is a pure function of
-# its key, so a hit can never point at other data (the kernels read the factors live, never a copy).
+# Slot tables keyed by their own content (addresses, ranks, flags, scalings): a hit returns exactly
+# the table that would be built, so it can never point at other data; the kernels read the factors
+# live at those addresses, never a copy, so a cached table cannot serve stale values either.
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _MAX_TABLES = 64
+
+
+def _cached_table(rows: list[list[int]], scalings: Sequence[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows as an int64 device tensor, scalings as a float32 one), built once per distinct content."""
+    key = (tuple(map(tuple, rows)), tuple(scalings), device)
+    cached = _TABLES.get(key)
+    if cached is None:
+        if len(_TABLES) >= _MAX_TABLES:
+            _TABLES.clear()
+        cached = (torch.tensor(rows, dtype=torch.int64).to(device),
+                  torch.tensor(list(scalings), dtype=torch.float32).to(device))
+        _TABLES[key] = cached
+    return cached
 
 
 def slot_table(adapters: Sequence[ExpertLoraFactors], device: torch.device) -> SlotTable:
@@ -304,23 +320,16 @@ def slot_table(adapters: Sequence[ExpertLoraFactors], device: torch.device) -> S
         for f in EXPERT_FACTORS:
             t = lora[f]
             factors.append(t.contiguous() if t.dtype == dtype else t.to(dtype).contiguous())
-    rows, key = [], []
+    rows = []
     for i, lora in enumerate(adapters):
         own = factors[i * 6:(i + 1) * 6]
         rank = lora["w1.lora_A"].shape[1]
+        # every factor of a row has the rank and dtype recorded with it, so the addresses fix the shapes
         rows.append([t.data_ptr() for t in own] + [rank, int(is_shared(own[0])), int(is_shared(own[5]))])
-        key.append((tuple(rows[-1]), lora.scaling))
-    key = (tuple(key), dtype, device)
-    cached = _TABLES.get(key)
-    if cached is None:
-        if len(_TABLES) >= _MAX_TABLES:
-            _TABLES.clear()
-        cached = (torch.tensor(rows, dtype=torch.int64).to(device),
-                  torch.tensor([a.scaling for a in adapters], dtype=torch.float32).to(device))
-        _TABLES[key] = cached
+    table, scaling = _cached_table(rows, [a.scaling for a in adapters], device)
     max_rank = max(r[RANK] for r in rows)
     return SlotTable(
-        table=cached[0], scaling=cached[1], factors=tuple(factors),
+        table=table, scaling=scaling, factors=tuple(factors),
         block_r=max(16, triton.next_power_of_2(max_rank)),
         any_shared_a=any(r[SHARED_A] for r in rows), any_expert_a=not all(r[SHARED_A] for r in rows),
         any_shared_b=any(r[SHARED_B] for r in rows),
@@ -431,13 +440,13 @@ def _mixed_forward(x, top_k_index, top_k_weights, gate_up_proj, down_proj, slots
     pair_a = pair_a if pair_a is not None else token_a
 
     h = torch.empty(num_pairs, inter, dtype=dtype, device=device)
-    _gemm(x, gate_up_proj, h, routing_up, config_up, common, token_a, pair_a, slots, pair_weights=None,
-          gated=True, x_row_div=top_k)
+    _mixed_gemm(ExpertGemm(x, gate_up_proj, h, routing_up, config_up, precision, x_row_div=top_k, gated=True),
+                slots, common, token_a, pair_a)
     a_down = torch.empty(num_pairs, block_r, dtype=dtype, device=device)
     _shrink(h, a_down, routing_down, config_down, common, a_column=DOWN_A, two=False, serves_shared=-1, x_row_div=1)
     out = torch.empty(num_pairs, hidden, dtype=dtype, device=device)
-    _gemm(h, down_proj, out, routing_down, config_down, common, a_down, a_down, slots, pair_weights=pair_weights,
-          gated=False, x_row_div=1)
+    _mixed_gemm(ExpertGemm(h, down_proj, out, routing_down, config_down, precision, pair_weights=pair_weights),
+                slots, common, a_down, a_down)
     if not slots.any_shared_b:
         return out.view(num_tokens, top_k, hidden).sum(dim=1)
     y = torch.empty(num_tokens, hidden, dtype=dtype, device=device)
@@ -472,19 +481,142 @@ def _shrink(x: torch.Tensor, out: torch.Tensor, routing: Optional[BlockRouting],
     )
 
 
-def _gemm(x, weight, out, routing: BlockRouting, config: KernelConfig, common: dict, token_lora, pair_lora,
-          slots: SlotTable, *, pair_weights, gated: bool, x_row_div: int) -> None:
-    n = weight.shape[1] // 2 if gated else weight.shape[1]
+def _mixed_gemm(gemm: ExpertGemm, slots: SlotTable, common: dict, token_lora: torch.Tensor, pair_lora: torch.Tensor) -> None:
+    """`gemm`'s base GEMM (the single-adapter kernels' problem description; its `expansion` and `shrink`
+    unused) with each row's slot's expansion from `token_lora` / `pair_lora`."""
+    x, weight, out, routing, config = gemm.x, gemm.weight, gemm.out, gemm.routing, gemm.config
+    n = weight.shape[1] // 2 if gemm.gated else weight.shape[1]
     grid = (routing.max_blocks * triton.cdiv(n, config.block_n),)
     _mixed_expert_gemm_kernel[grid](
-        x, weight, out, pair_weights if pair_weights is not None else out, token_lora, pair_lora,
+        x, weight, out, gemm.pair_weights if gemm.pair_weights is not None else out, token_lora, pair_lora,
         common["table_ptr"], slots.scaling, common["factor_ptr"], common["row_slot_ptr"],
         routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
         n, weight.shape[2], routing.num_pairs, common["num_slots"],
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0),
         token_lora.stride(0),
-        X_ROW_DIV=x_row_div, TOP_K=common["TOP_K"], GATED=gated, MUL_WEIGHT=pair_weights is not None,
+        X_ROW_DIV=gemm.x_row_div, TOP_K=common["TOP_K"], GATED=gemm.gated, MUL_WEIGHT=gemm.pair_weights is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=common["BLOCK_R"],
-        GROUP_M=config.group_m, DOT_PRECISION=common["DOT_PRECISION"], num_warps=config.num_warps,
+        GROUP_M=config.group_m, DOT_PRECISION=gemm.precision, num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+
+
+# ---- attention (and any other linear) LoRA of a mixed batch ----------------------------------------
+
+@triton.jit
+def _mixed_linear_lora_kernel(
+    x_ptr,  # (M, K) input rows, contiguous along K
+    out_ptr,  # (M, N) the base layer's output, to which each row's delta is added in place
+    table_ptr,  # (slots, 3) int64: lora_A (r, K) address, lora_B (N, r) address, rank
+    scaling_ptr,
+    factor_ptr,
+    row_slot_ptr,  # (M,) int32, -1 for none
+    M,
+    N,
+    K,
+    num_slots,
+    stride_xm,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    rows = tl.where(m_ok, offs_m, 0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    slot = tl.load(row_slot_ptr + rows, mask=m_ok, other=-1)
+    delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, num_slots):
+        mine = m_ok & (slot == s)
+        if tl.sum(mine.to(tl.int32), axis=0) > 0:
+            rank = tl.load(table_ptr + s * 3 + 2)
+            r_ok = offs_r < rank
+            a_ptrs = tl.load(table_ptr + s * 3).to(tl.pointer_type(factor_ptr.dtype.element_ty)) \
+                + offs_r[None, :] * K + offs_k[:, None]  # (BK, BR)
+            x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
+            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = offs_k < K - k0
+                xt = tl.load(x_ptrs, mask=mine[:, None] & k_ok[None, :], other=0.0)
+                at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+                # PEFT's LoRA runs in the factors' dtype: the input is cast to it
+                xa += tl.dot(xt.to(at.dtype), at, input_precision=DOT_PRECISION)
+                x_ptrs += BLOCK_K
+                a_ptrs += BLOCK_K
+            b_ptrs = tl.load(table_ptr + s * 3 + 1).to(tl.pointer_type(factor_ptr.dtype.element_ty)) \
+                + offs_n[None, :] * rank + offs_r[:, None]  # (BR, BN)
+            bt = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            delta += tl.load(scaling_ptr + s) * tl.dot(xa.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+    o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32) + delta
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def mixed_linear_lora_refusals(x: torch.Tensor, result: torch.Tensor, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    """Why `mixed_linear_lora_` would not compute PEFT's LoRA delta exactly here; [] if it would."""
+    from .triton_experts import interpreter_active
+
+    tensors = [x, result, *(t for pair in factors for t in pair)]
+    reasons = []
+    if needs_autograd(*tensors):
+        reasons.append("mixed-adapter batches are for inference: the mixed kernels have no backward")
+    if x.device.type != "cuda" and not interpreter_active():
+        reasons.append(f"the kernels need a CUDA device, the input is on {x.device}")
+    if any(t.device != x.device for t in tensors):
+        reasons.append("the input, the base output and the factors are not on one device")
+    if not result.is_contiguous():
+        reasons.append(f"the base output {tuple(result.shape)} is not contiguous; the kernel adds into it in place")
+    dtypes = {t.dtype for pair in factors for t in pair}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
+        reasons.append(f"the adapters' factors must share one float32/float16/bfloat16 dtype, got {sorted(map(str, dtypes))}")
+    if interpreter_active() and torch.bfloat16 in {x.dtype, result.dtype, *dtypes}:
+        reasons.append("the interpreter does not run bfloat16")
+    return reasons
+
+
+def mixed_linear_lora_(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scalings: Sequence[float],
+    row_slot: torch.Tensor,
+) -> torch.Tensor:
+    """result[m] += scalings[s] * B_s A_s x[m] for s = row_slot[m] (nothing where -1), in place, one launch.
+
+    `factors[s]` = (lora_A (r, K), lora_B (N, r)) of slot s; `x` (..., K), `result` (..., N) the base
+    output. The product runs in the factors' dtype (x cast to it, as PEFT's LoRA does) and is added
+    to `result` with one rounding. Callers check `mixed_linear_lora_refusals` first.
+    """
+    k, n = x.shape[-1], result.shape[-1]
+    x2 = x.reshape(-1, k)
+    out2 = result.view(-1, n)  # a view: the kernel writes into `result`
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if out2.stride(-1) != 1 or row_slot.shape != (x2.shape[0],):
+        raise ValueError(f"mixed LoRA linear: result {tuple(result.shape)} must be contiguous rows and row_slot "
+                         f"({x2.shape[0]},), got {tuple(row_slot.shape)}")
+    for i, (a, b) in enumerate(factors):
+        if a.shape[1] != k or b.shape != (n, a.shape[0]):
+            raise ValueError(f"adapter slot {i}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
+                             f"({n}, r) x (r, {k})")
+    kept = [t.contiguous() for pair in factors for t in pair]
+    rows = [[kept[2 * i].data_ptr(), kept[2 * i + 1].data_ptr(), factors[i][0].shape[0]] for i in range(len(factors))]
+    table, scaling = _cached_table(rows, scalings, x.device)
+    block_r = max(16, triton.next_power_of_2(max(r[2] for r in rows)))
+    interpreted = x.device.type != "cuda"
+    block_m, block_n, block_k = (16, 32, 32) if interpreted else (16, 64, 128)
+    grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
+    guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with guard:
+        _mixed_linear_lora_kernel[grid](
+            x2, out2, table, scaling, kept[0], row_slot, x2.shape[0], n, k, len(factors), x2.stride(0), out2.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, DOT_PRECISION=dot_precision(kept[0].dtype),
+        )
+    return result

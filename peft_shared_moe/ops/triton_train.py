@@ -1,7 +1,7 @@
 """Triton training path: base experts plus LoRA forward and backward, the base frozen.
 
 The same math as `train_experts.ExpertsLoraFunction` (the torch version of this backward, and the
-reference the tests hold it to), on the inference kernels' grouped GEMM (`triton_experts._launch`)
+reference the tests hold it to), on the inference kernels' grouped GEMM (`triton_experts.launch`)
 plus two kernels of its own. One `BlockRouting` (pairs sorted by expert, padded to the block) serves
 every pass, forward and backward, and is the only copy of the permutation that is kept.
 
@@ -40,7 +40,10 @@ import triton.language as tl
 from .block_routing import BlockRouting, align_pairs_to_blocks, max_blocks
 from .kernel_configs import KernelConfig, TrainConfigs, train_configs
 from .torch_experts import ExpertLoraFactors, is_shared
-from .triton_experts import _block_pairs, _expert_gemm, _launch, _like, _lora_dot, _stack, _tile_of_program, dot_precision
+from .triton_experts import (
+    ExpertGemm, LoraExpansion, LoraShrink, _block_pairs, _expert_gemm, _like, _lora_dot, _stack, _tile_of_program,
+    dot_precision, launch,
+)
 
 
 @triton.jit
@@ -209,24 +212,24 @@ def _train_forward(
             a, a_row_div = x @ stacked_a[0].T, top_k  # (T, 2r): once per token
         else:
             a, a_row_div = x.new_empty(num_pairs, 2 * rank), 1
-            _launch(x, stacked_a, a, routing, cfg.gate_up, x_row_div=top_k, precision=precision)
+            launch(ExpertGemm(x, stacked_a, a, routing, cfg.gate_up, precision, x_row_div=top_k))
         h = x.new_empty(num_pairs, inter)
         pre = x.new_empty(num_pairs, two_inter)
-        _launch(x, gate_up, h, routing, cfg.gate_up, x_row_div=top_k, precision=precision, gated=True,
-                expand=(a, b_gate, a_row_div, scaling), expand_up_b=_like(b_up, b_gate), store_pre=pre)
+        launch(ExpertGemm(x, gate_up, h, routing, cfg.gate_up, precision, x_row_div=top_k, gated=True,
+                          expansion=LoraExpansion(a, b_gate, scaling, a_row_div, _like(b_up, b_gate)), store_pre=pre))
         if is_shared(b_down):
             out = x.new_empty(num_pairs, hidden + rank)  # the weighted shrink beside the down rows: one sum
-            _launch(h, down, out[:, :hidden], routing, cfg.down, x_row_div=1, precision=precision,
-                    shrink=(a_down, out[:, hidden:]), pair_weights=pair_weights)
+            launch(ExpertGemm(h, down, out[:, :hidden], routing, cfg.down, precision,
+                              shrink=LoraShrink(a_down, out[:, hidden:]), pair_weights=pair_weights))
             summed = out.view(num_tokens, top_k, hidden + rank).sum(dim=1)
             zw = summed[:, hidden:].contiguous()  # (T, r)
             y = torch.addmm(summed[:, :hidden], zw, b_down[0].to(dtype).T, alpha=scaling)
         else:
             z = x.new_empty(num_pairs, rank)
-            _launch(h, a_down, z, routing, cfg.down, x_row_div=1, precision=precision)
+            launch(ExpertGemm(h, a_down, z, routing, cfg.down, precision))
             out = x.new_empty(num_pairs, hidden)
-            _launch(h, down, out, routing, cfg.down, x_row_div=1, precision=precision,
-                    expand=(z, b_down, 1, scaling), pair_weights=pair_weights)
+            launch(ExpertGemm(h, down, out, routing, cfg.down, precision, expansion=LoraExpansion(z, b_down, scaling),
+                              pair_weights=pair_weights))
             y = out.view(num_tokens, top_k, hidden).sum(dim=1)
             zw = z * pair_weights.unsqueeze(1).to(dtype)  # (S, r)
     return y, pre, a, zw, stacked_a, routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows
@@ -286,7 +289,7 @@ def _train_backward(
             bt_dy, bt_row_div = dy @ b_down[0].to(dtype), top_k  # (T, r)
         else:
             bt_dy, bt_row_div = x.new_empty(num_pairs, rank), 1
-            _launch(dy, b_down.transpose(1, 2), bt_dy, routing, cfg.down_backward, x_row_div=top_k, precision=precision)
+            launch(ExpertGemm(dy, b_down.transpose(1, 2), bt_dy, routing, cfg.down_backward, precision, x_row_div=top_k))
 
         # g = dy W_d + s (B_d^T dy) A_d, and from it d_pre, h and <h, g>
         d_pre = torch.empty_like(pre)
@@ -327,8 +330,8 @@ def _train_backward(
 
         # da = s [d_gate B_gate, d_up B_up] per pair
         da = x.new_empty(num_pairs, 2 * rank)
-        _launch(d_gate, b_gate.transpose(1, 2), da[:, :rank], routing, cfg.lora_backward, x_row_div=1, precision=precision)
-        _launch(d_up, b_up.transpose(1, 2), da[:, rank:], routing, cfg.lora_backward, x_row_div=1, precision=precision)
+        launch(ExpertGemm(d_gate, b_gate.transpose(1, 2), da[:, :rank], routing, cfg.lora_backward, precision))
+        launch(ExpertGemm(d_up, b_up.transpose(1, 2), da[:, rank:], routing, cfg.lora_backward, precision))
         da.mul_(s)
         dx = x.new_empty(0)
         if shared_in:
@@ -336,16 +339,15 @@ def _train_backward(
             grad_a = (da_tokens.t() @ x).unsqueeze(0)  # (1, 2r, H): one GEMM over the tokens
             if need_x:
                 dx_pairs = x.new_empty(num_pairs, hidden)
-                _launch(d_pre, gate_up.transpose(1, 2), dx_pairs, routing, cfg.gate_up_backward, x_row_div=1,
-                        precision=precision)
+                launch(ExpertGemm(d_pre, gate_up.transpose(1, 2), dx_pairs, routing, cfg.gate_up_backward, precision))
                 dx = torch.addmm(dx_pairs.view(num_tokens, top_k, hidden).sum(dim=1), da_tokens, stacked_a[0])
         else:
             grad_a = torch.empty(num_experts, 2 * rank, hidden, dtype=torch.float32, device=x.device)
             expert_outer(x, da, grad_a.transpose(1, 2), g_row_div=top_k, **outer)
             if need_x:
                 dx_pairs = x.new_empty(num_pairs, hidden)
-                _launch(d_pre, gate_up.transpose(1, 2), dx_pairs, routing, cfg.gate_up_backward, x_row_div=1,
-                        precision=precision, expand=(da, stacked_a.transpose(1, 2), 1, 1.0))
+                launch(ExpertGemm(d_pre, gate_up.transpose(1, 2), dx_pairs, routing, cfg.gate_up_backward, precision,
+                                  expansion=LoraExpansion(da, stacked_a.transpose(1, 2))))
                 dx = dx_pairs.view(num_tokens, top_k, hidden).sum(dim=1)
         # copies: a custom op's outputs may not share storage
         grad_a_gate = grad_a[:, :rank].to(a_gate.dtype, copy=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import SharedMoeLoraConfig
 from ..factors import EXPERT_FACTORS, PROJECTIONS, factor_shape, fan_in
-from ..ops import AdapterCall, ExpertLoraFactors, describe_experts, run_experts, run_mixed_experts
+from ..ops import AdapterCall, ExpertLoraFactors, describe_experts, mixed_linear_lora, run_experts, run_mixed_experts
 from ..parallel import (
     ParallelLayoutError,
     Sharding,
@@ -47,7 +47,8 @@ def _storage(base: nn.Module, param_name: str) -> torch.Tensor:
     return local(getattr(base, param_name).data)
 
 
-BASE_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
+BASE_NAME = "__base__"
+_FACTOR_PATHS = tuple((f, tuple(f.split("."))) for f in EXPERT_FACTORS)  # "w1.lora_A" -> ("w1", "lora_A")  # PEFT's name for "no adapter" in adapter_names
 
 
 def _check_adapter_name(adapter_name: str) -> None:
@@ -270,7 +271,11 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
     def factors(self, adapter_name: str) -> ExpertLoraFactors:
         """One adapter's factors as the math uses them: this rank's shards when the block is sharded,
         a replicated factor's gradient summed over the ranks (parallel.py)."""
-        tensors = {f: self.factor_dict(f)[adapter_name].weight for f in EXPERT_FACTORS}
+        if torch.compiler.is_compiling():
+            tensors = {f: self.factor_dict(f)[adapter_name].weight for f in EXPERT_FACTORS}
+        else:  # eager: plain dict lookups, not nn.Module.__getattr__ twice per factor (this runs per layer and token)
+            tensors = {f: self._modules[proj]._modules[side]._modules[adapter_name]._parameters["weight"]
+                       for f, (proj, side) in _FACTOR_PATHS}
         if self.sharding is not None:
             tensors = {f: self.sharding.local_for_compute(t) for f, t in tensors.items()}
         return ExpertLoraFactors(tensors, scaling=self.scaling[adapter_name])
@@ -442,6 +447,16 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
             raise ValueError(f"adapter_names has {len(adapter_names)} names but this layer got {x.shape[0]} rows, "
                              f"not a whole number per sample: one name per sample")
         result = base(x, *args, **kwargs)
+        present = list(dict.fromkeys(n for n in adapter_names if n in self.scaling))
+        dropout_off = not self.training or all(isinstance(self.lora_dropout[n], nn.Identity) for n in present)
+        if present and dropout_off:  # every adapter's delta in one launch where the kernel is exact
+            slot_of = {name: i for i, name in enumerate(present)}
+            per_sample = torch.tensor([slot_of.get(n, -1) for n in adapter_names], dtype=torch.int32)
+            row_slot = per_sample.repeat_interleave(result.numel() // result.shape[-1] // len(adapter_names))
+            mixed = mixed_linear_lora(result, x, [(self.lora_A[n].weight, self.lora_B[n].weight) for n in present],
+                                      [self.scaling[n] for n in present], row_slot.to(x.device, non_blocking=True))
+            if mixed is not None:
+                return mixed
         for name, rows in self._rows_by_adapter(adapter_names, x.shape[0] // len(adapter_names), x.device):
             if name == BASE_NAME:
                 continue
