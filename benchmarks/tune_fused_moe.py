@@ -1,4 +1,5 @@
-"""Tune the fused experts kernels' tiles on this card; writes its entry in ops/configs/fused_moe.json.
+"""Tune the fused experts kernels' tiles on this card; writes its entry for this layer shape (and the
+card's default, if it has none) in ops/configs/fused_moe.json.
 
 Each kernel ("gate_up": gated GEMM + LoRA expansion; "down": GEMM + fused shrink) is timed alone,
 with a shared-outer r=32 adapter at Qwen3-30B-A3B dims, for each token count, over a short list of
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import card_name, time_ms  # noqa: E402
 from benchmarks.moe_layer import E, H, I, R, make_experts, make_lora, routing  # noqa: E402
 from peft_shared_moe.ops.block_routing import align_pairs_to_blocks  # noqa: E402
-from peft_shared_moe.ops.kernel_configs import CONFIG_FILE, KernelConfig  # noqa: E402
+from peft_shared_moe.ops.kernel_configs import CONFIG_FILE, KernelConfig, shape_key  # noqa: E402
 from peft_shared_moe.ops.triton_experts import (  # noqa: E402
     ExpertGemm, LoraExpansion, LoraShrink, dot_precision, launch, pack_lora,
 )
@@ -73,9 +74,11 @@ def main() -> None:
             table[kernel][str(tokens)] = best.__dict__
             print(f"T={tokens:>6} {kernel:>7}: best {ms:.4f} ms {best}  (worst {max(t[0] for t in timings):.4f})", flush=True)
     data = json.loads(CONFIG_FILE.read_text())
-    data[card_name()] = table
+    shapes = data.setdefault(card_name(), {})
+    shapes[shape_key(E, H, I)] = table
+    shapes.setdefault("default", table)
     CONFIG_FILE.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {card_name()!r} into {CONFIG_FILE}")
+    print(f"wrote {card_name()!r} {shape_key(E, H, I)} into {CONFIG_FILE}")
 
 
 if __name__ == "__main__":

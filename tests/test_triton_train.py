@@ -159,7 +159,8 @@ def test_bfloat16_gradients_within_the_torch_paths_noise(shared):
 
 def test_every_tile_config_in_the_files_is_complete():
     """Each card and shape of configs/train_experts.json gives every training kernel a tile with the
-    shared block_m; each card of fused_moe.json a table per kernel; "default" cards exist in both."""
+    shared block_m; each card and shape of fused_moe.json a table per kernel; "default" cards and
+    shapes exist in both."""
     import json
 
     from peft_shared_moe.ops import kernel_configs as kc
@@ -174,10 +175,32 @@ def test_every_tile_config_in_the_files_is_complete():
             assert all(getattr(configs, k).block_m == configs.block_m for k in kc.TRAIN_KERNELS), (card, key)
     inference = json.loads(kc.CONFIG_FILE.read_text())
     assert "default" in inference
-    for card, kernels in inference.items():
-        assert set(kernels) == {"gate_up", "down"}, card
-        for table in kernels.values():
-            [kc.KernelConfig(**cfg) for cfg in table.values()]
+    for card, shapes in inference.items():
+        assert "default" in shapes, card
+        for key, kernels in shapes.items():
+            assert set(kernels) == {"gate_up", "down"}, (card, key)
+            for table in kernels.values():
+                assert [kc.KernelConfig(**cfg) for cfg in table.values()], (card, key)
+
+
+def test_inference_tiles_by_card_shape_and_token_count(monkeypatch):
+    """The largest tuned token count <= T of the card's shape; another shape the card's default."""
+    from peft_shared_moe.ops import kernel_configs as kc
+
+    tile = lambda block_m: {"block_m": block_m, "block_n": 32, "block_k": 32}  # noqa: E731
+    data = {"default": {"default": {"gate_up": {"1": tile(16)}, "down": {"1": tile(16)}}},
+            "Card X": {"E=8,H=64,I=32": {"gate_up": {"1": tile(16), "64": tile(64)}, "down": {"1": tile(16)}},
+                       "default": {"gate_up": {"1": tile(32)}, "down": {"1": tile(32)}}}}
+    monkeypatch.setattr(kc, "_file", lambda path: data)
+    monkeypatch.setattr(kc, "_device_card", lambda device: "Card X")
+    kc._table.cache_clear()
+    try:
+        cuda = torch.device("cuda", 0)
+        assert kc.kernel_config("gate_up", 63, cuda, kc.shape_key(8, 64, 32)).block_m == 16
+        assert kc.kernel_config("gate_up", 64, cuda, kc.shape_key(8, 64, 32)).block_m == 64
+        assert kc.kernel_config("gate_up", 4096, cuda, kc.shape_key(8, 64, 48)).block_m == 32
+    finally:
+        kc._table.cache_clear()
 
 
 def test_training_tiles_by_card_and_shape(monkeypatch):

@@ -1,13 +1,15 @@
 """Tile configs for the fused experts kernels, kept as data.
 
-`configs/fused_moe.json` (inference) maps a card name (`torch.cuda.get_device_name()`) to, per kernel
-("gate_up", "down"), a table from token count to config; the entry with the largest token count <= T
-is used. `benchmarks/tune_fused_moe.py` writes it.
+Both files map a card name (`torch.cuda.get_device_name()`) to the layer's shape "E=..,H=..,I=.."
+(as vLLM keys its files by E and N); the shape "default" covers shapes not tuned, and cards not in a
+file use its "default" card (with a one-time warning).
 
-`configs/train_experts.json` (training) maps a card to the layer's shape "E=..,H=..,I=.." (as vLLM
-keys its files by E and N) to one block_m (the routing is built once and shared by every pass) and
-a tile per training kernel; the shape "default" covers shapes not tuned. `benchmarks/train.py --tune`
-writes it. Cards not in a file use its "default" card (with a one-time warning).
+`configs/fused_moe.json` (inference): per shape and kernel ("gate_up", "down"), a table from token
+count to config; the entry with the largest token count <= T is used. `benchmarks/tune_fused_moe.py`
+writes it.
+
+`configs/train_experts.json` (training): per shape, one block_m (the routing is built once and shared
+by every pass) and a tile per training kernel. `benchmarks/train.py --tune` writes it.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ def _warn_untuned(file_name: str, card: str) -> None:
 
 
 @lru_cache(maxsize=None)
-def _table(card: str, kernel: str) -> tuple[tuple[int, KernelConfig], ...]:
-    rows = sorted((int(t), KernelConfig(**cfg)) for t, cfg in _for_card(CONFIG_FILE, card)[kernel].items())
+def _table(card: str, shape: str, kernel: str) -> tuple[tuple[int, KernelConfig], ...]:
+    shapes = _for_card(CONFIG_FILE, card)
+    rows = sorted((int(t), KernelConfig(**cfg)) for t, cfg in shapes.get(shape, shapes["default"])[kernel].items())
     return tuple(rows)
 
 
@@ -69,10 +72,11 @@ def _device_card(device: torch.device) -> str:
     return _card(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def kernel_config(kernel: str, num_tokens: int, device: torch.device) -> KernelConfig:
+def kernel_config(kernel: str, num_tokens: int, device: torch.device, shape: str) -> KernelConfig:
+    """The inference tile of `kernel` for T = num_tokens on a layer of `shape` (`shape_key`)."""
     if device.type != "cuda":
         return KernelConfig(**INTERPRETER)
-    table = _table(_device_card(device), kernel)
+    table = _table(_device_card(device), shape, kernel)
     chosen = table[0][1]
     for tokens, config in table:
         if tokens <= num_tokens:

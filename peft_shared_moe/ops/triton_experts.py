@@ -34,7 +34,7 @@ from triton.runtime.jit import JITFunction
 from ..factors import EXPERT_FACTORS
 from .block_routing import BlockRouting, align_pairs_to_blocks
 from .experts_layout import ExpertsLayout, _is_silu
-from .kernel_configs import KernelConfig, kernel_config
+from .kernel_configs import KernelConfig, kernel_config, shape_key
 from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_support import TritonBackendError
 
@@ -557,8 +557,9 @@ def _fused_experts(
         dtype = hidden_states.dtype
         x = hidden_states.contiguous()
         num_pairs = num_tokens * top_k
-        config_up = kernel_config("gate_up", num_tokens, x.device)
-        config_down = kernel_config("down", num_tokens, x.device)
+        shape = shape_key(num_experts, hidden, inter)
+        config_up = kernel_config("gate_up", num_tokens, x.device, shape)
+        config_down = kernel_config("down", num_tokens, x.device, shape)
         routing_up = align_pairs_to_blocks(top_k_index, num_experts, config_up.block_m)
         routing_down = (
             routing_up

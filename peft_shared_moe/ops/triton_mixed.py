@@ -35,7 +35,7 @@ import triton.language as tl
 from ..factors import EXPERT_FACTORS
 from .block_routing import BlockRouting, align_pairs_to_blocks
 from .experts_layout import ExpertsLayout
-from .kernel_configs import KernelConfig, kernel_config
+from .kernel_configs import KernelConfig, kernel_config, shape_key
 from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_experts import (
     ExpertGemm, _block_pairs, _expert_gemm, _tile_of_program, dot_precision, needs_autograd, triton_refusals,
@@ -419,8 +419,9 @@ def _mixed_forward(x, top_k_index, top_k_weights, gate_up_proj, down_proj, slots
     if num_tokens == 0:
         return x.new_empty(0, hidden)
     precision = dot_precision(dtype)
-    config_up = kernel_config("gate_up", num_tokens, device)
-    config_down = kernel_config("down", num_tokens, device)
+    shape = shape_key(num_experts, hidden, inter)
+    config_up = kernel_config("gate_up", num_tokens, device, shape)
+    config_down = kernel_config("down", num_tokens, device, shape)
     routing_up = align_pairs_to_blocks(top_k_index, num_experts, config_up.block_m)
     routing_down = (routing_up if config_down.block_m == config_up.block_m
                     else align_pairs_to_blocks(top_k_index, num_experts, config_down.block_m))
