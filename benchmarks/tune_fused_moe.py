@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import card_name, time_ms  # noqa: E402
+from benchmarks.common import card_name, time_ms, write_result  # noqa: E402
 from benchmarks.moe_layer import E, H, I, R, make_experts, make_lora, routing  # noqa: E402
 from peft_shared_moe.ops.block_routing import align_pairs_to_blocks  # noqa: E402
 from peft_shared_moe.ops.kernel_configs import CONFIG_FILE, KernelConfig, shape_key  # noqa: E402
@@ -34,6 +34,11 @@ CANDIDATES = {
               (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 128, 8, 3), (64, 256, 64, 8, 3),
               (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3), (128, 256, 64, 8, 4)],
 }
+# vLLM's own tuned tile for this shape on the H200 (its configs/E=128,N=768,device_name=NVIDIA_H200.json,
+# the entry at or below each T), compared beside our best. vLLM's gate/up GEMM has N = 2I outputs in
+# one tile; ours computes the gate and up halves of a tile together, so its block_n is halved there.
+VLLM_H200 = {1: (16, 64, 64, 4, 5), 8: (16, 64, 128, 4, 3), 64: (16, 256, 128, 8, 2), 512: (64, 128, 64, 4, 3),
+             4096: (128, 256, 64, 8, 4), 16384: (128, 256, 64, 8, 4)}
 TOKENS = {1: "decode", 8: "decode", 64: "decode", 512: "mid", 4096: "large", 16384: "large"}
 
 
@@ -60,6 +65,7 @@ def main() -> None:
     experts = make_experts("grouped_mm")
     packed = pack_lora(make_lora(), torch.bfloat16)
     table: dict[str, dict[str, dict]] = {"gate_up": {}, "down": {}}
+    rows: list[dict] = []
     for tokens, regime in TOKENS.items():
         x, idx, w = routing(tokens, seed=tokens)
         for kernel in table:
@@ -72,13 +78,24 @@ def main() -> None:
                     print(f"  skip {cand}: {type(err).__name__}")
             ms, best = min(timings, key=lambda t: t[0])
             table[kernel][str(tokens)] = best.__dict__
-            print(f"T={tokens:>6} {kernel:>7}: best {ms:.4f} ms {best}  (worst {max(t[0] for t in timings):.4f})", flush=True)
+            bm, bn, bk, warps, stages = VLLM_H200[tokens]
+            vllm_tile = KernelConfig(bm, bn // 2 if kernel == "gate_up" else bn, bk, warps, stages)
+            try:
+                vllm_ms = time_kernel(kernel, vllm_tile, x, idx, w, experts, packed)
+            except Exception as err:
+                vllm_ms = float("nan")
+                print(f"  vLLM's tile {vllm_tile}: {type(err).__name__}")
+            rows.append({"T": tokens, "kernel": kernel, "best_ms": round(ms, 4), "best": best.__dict__,
+                         "vllm_tile_ms": round(vllm_ms, 4), "vllm_tile": vllm_tile.__dict__})
+            print(f"T={tokens:>6} {kernel:>7}: best {ms:.4f} ms {best}  (worst {max(t[0] for t in timings):.4f}; "
+                  f"vLLM's H200 tile {vllm_ms:.4f} ms)", flush=True)
     data = json.loads(CONFIG_FILE.read_text())
     shapes = data.setdefault(card_name(), {})
     shapes[shape_key(E, H, I)] = table
     shapes.setdefault("default", table)
     CONFIG_FILE.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {card_name()!r} {shape_key(E, H, I)} into {CONFIG_FILE}")
+    print(f"wrote {write_result('tune_fused_moe', rows, {'shape': shape_key(E, H, I)})}")
 
 
 if __name__ == "__main__":
