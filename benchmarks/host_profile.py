@@ -70,6 +70,14 @@ def experts_layer_profile() -> None:
             base = host_us(lambda: fn(x, idx, w, *weights, F.silu))
             print(f"experts T={tokens}: us issue / done, adapter {with_lora[0]:.1f} / {with_lora[1]:.1f}, "
                   f"base-only {base[0]:.1f} / {base[1]:.1f}")
+        x, idx, w = routing(1, seed=1)
+        for label, lora_arg in (("adapter", lora), ("base-only", None)):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(100):
+                    fn(x, idx, w, *weights, F.silu, lora=lora_arg)
+                torch.cuda.synchronize()
+            print(f"experts T=1, {label}, 100 calls, by host time:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         x, idx, w = routing(512, seed=512)
         profiler = cProfile.Profile()
         profiler.enable()
