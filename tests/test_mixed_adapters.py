@@ -168,3 +168,43 @@ def test_modules_to_save_and_shared_experts_follow_the_names(tmp_path):
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
     assert rel_err(got, want, mask) < 1e-12
+
+
+def test_the_base_output_a_hook_keeps_is_not_written_into(qwen3_path):
+    """The LoRA delta may be added into the base linear's output in place only when nobody else holds
+    it: a forward hook that keeps the output (activation caching) must find it unchanged, in a plain
+    forward and in a mixed batch."""
+    model = two_adapters(qwen3_path, backend="triton", dtype=torch.float32)
+    device = next(model.parameters()).device
+    ids, mask = batch(device)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    kept = []
+    handle = q_proj.get_base_layer().register_forward_hook(lambda m, a, out: kept.append((out, out.clone())))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask, adapter_names=NAMES)
+    finally:
+        handle.remove()
+    assert len(kept) == 2
+    for out, copy in kept:
+        assert torch.equal(out, copy)
+
+
+def test_factors_of_a_parametrized_weight(qwen3_path):
+    """A factor whose weight is not a registered parameter (a parametrization) is still found."""
+    from torch.nn.utils import parametrize
+
+    from peft_shared_moe.tuners import ExpertsLoraLayer
+
+    model = two_adapters(qwen3_path)
+    layer = next(m for m in model.modules() if isinstance(m, ExpertsLoraLayer))
+    module = layer.factor_dict("w1.lora_B")["a"]
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    before = module.weight.detach().clone()
+    parametrize.register_parametrization(module, "weight", Doubled())
+    assert torch.equal(layer.factors("a")["w1.lora_B"], 2 * before)

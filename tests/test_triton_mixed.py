@@ -119,8 +119,8 @@ def test_autograd_and_other_gates_are_refused():
 
 
 def test_linear_lora_of_a_mixed_batch():
-    """Each row's delta of its own adapter (ranks 4, 8, 19; -1: none) added in place, against float64."""
-    from peft_shared_moe.ops.triton_mixed import mixed_linear_lora_, mixed_linear_lora_refusals
+    """Each row's delta of its own adapter (ranks 4, 8, 19; -1: none) added to the base output, against float64."""
+    from peft_shared_moe.ops.triton_mixed import mixed_linear_lora, mixed_linear_lora_refusals
 
     gen = torch.Generator().manual_seed(5)
     K, N = 40, 72  # 3 samples of 11 tokens each
@@ -140,8 +140,8 @@ def test_linear_lora_of_a_mixed_batch():
         xd = x.to(DEVICE, dtype)
         assert mixed_linear_lora_refusals(xd, out, on_device) == []
         row_slot = torch.tensor(sample_slot, dtype=torch.int32).repeat_interleave(11).to(DEVICE)
-        got = mixed_linear_lora_(out, xd, on_device, scalings, row_slot)
-        assert got.data_ptr() == out.data_ptr()  # in place
+        got = mixed_linear_lora(out, xd, on_device, scalings, row_slot)
+        assert torch.equal(out.cpu(), base.to(dtype))  # the base output is left as it was
         assert rel_err(got.cpu(), want) < TOL[dtype]
         assert torch.equal(got[1].cpu(), base[1].to(dtype))  # no adapter: the base output untouched
 
@@ -156,3 +156,27 @@ def test_linear_lora_refusals():
     assert "share one" in " ".join(mixed_linear_lora_refusals(x, out, [(a, b.half())]))
     assert "share one" in " ".join(mixed_linear_lora_refusals(x.double(), out.double(), [(a.double(), b.double())]))
     assert "not contiguous" in " ".join(mixed_linear_lora_refusals(x, out.T.contiguous().T, [(a, b)]))
+
+
+def test_slot_indices_out_of_range_and_mismatched_rows_are_refused():
+    from peft_shared_moe.ops.triton_mixed import mixed_linear_lora
+
+    x, idx, w, gate_up, down = problem(4, 2, seed=2)
+    good = [(adapter(4, True, True, seed=0), 1.0)]
+    with pytest.raises(ValueError, match=r"slot indices must lie in \[-1, 1\)"):
+        run(x, idx, w, gate_up, down, good, [0, 1, 0, -1], torch.float32)
+    a, b = torch.randn(2, 8, device=DEVICE), torch.randn(6, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="same rows"):
+        mixed_linear_lora(torch.zeros(5, 6, device=DEVICE), torch.randn(4, 8, device=DEVICE), [(a, b)], [1.0],
+                          torch.zeros(4, dtype=torch.int32))
+
+
+def test_adapters_of_different_dtypes_are_refused_not_cast():
+    from peft_shared_moe.ops.triton_mixed import mixed_refusals
+
+    x, idx, w, gate_up, down = problem(4, 2, seed=2)
+    loras = [ExpertLoraFactors({f: t.to(DEVICE, dtype) for f, t in adapter(4, True, True, seed=s).items()}, 1.0)
+             for s, dtype in ((0, torch.float32), (1, torch.float16))]
+    with torch.no_grad():
+        reasons = mixed_refusals(x.float().to(DEVICE), (gate_up.float().to(DEVICE), down.float().to(DEVICE)), loras)
+    assert any("share one dtype" in r for r in reasons)

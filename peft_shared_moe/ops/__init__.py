@@ -122,13 +122,15 @@ def run_mixed_experts(
     adapter's tokens on that adapter's own backend, which also raises what an explicit "triton" refuses."""
     if "triton" not in EXPERTS_BACKENDS or any(b not in ("auto", "triton") for b in backends):
         return None
-    if torch.compiler.is_compiling():  # the slot table holds raw addresses, which a traced graph cannot
+    if _holds_no_addresses():
         return None
     from . import triton_experts
-    from .triton_mixed import mixed_refusals, triton_mixed_experts_forward
+    from .triton_mixed import mixed_adapter_problems, mixed_refusals, triton_mixed_experts_forward
 
     weights = (experts.gate_up_proj, experts.down_proj)
     if mixed_refusals(hidden_states, weights, adapters, top_k_weights=top_k_weights, layout=layout):
+        return None
+    if mixed_adapter_problems(adapters, layout.num_experts, layout.hidden, layout.inter):
         return None
     if "triton" not in backends and hidden_states.device.type not in triton_experts.AUTO_DEVICE_TYPES:
         return None
@@ -144,15 +146,22 @@ def mixed_linear_lora(
     row_slot: torch.Tensor,
 ) -> Optional[torch.Tensor]:
     """`result` (a linear's base output) plus, per row, its slot's LoRA delta, in one kernel launch
-    (`triton_mixed.mixed_linear_lora_`), where the kernel computes exactly PEFT's delta; else None and
+    (`triton_mixed.mixed_linear_lora`), where the kernel computes exactly PEFT's delta; else None and
     the caller adds each adapter's delta on its rows."""
-    if "triton" not in EXPERTS_BACKENDS or torch.compiler.is_compiling():
+    if "triton" not in EXPERTS_BACKENDS or _holds_no_addresses():
         return None
-    from .triton_mixed import mixed_linear_lora_, mixed_linear_lora_refusals
+    from . import triton_mixed
 
-    if mixed_linear_lora_refusals(x, result, factors):
+    if triton_mixed.mixed_linear_lora_refusals(x, result, factors):
         return None
-    return mixed_linear_lora_(result, x, factors, scalings, row_slot)
+    return triton_mixed.mixed_linear_lora(result, x, factors, scalings, row_slot)
+
+
+def _holds_no_addresses() -> bool:
+    """The mixed kernels read their adapters through a table of raw addresses, built and cached per
+    content on the host: not inside a traced graph, nor a CUDA graph capture (its replays would keep
+    reading a table the cache may have let go)."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 IMPLEMENTATION_NAME = "peft_shared_moe"

@@ -59,7 +59,8 @@ def _warn_untuned(file_name: str, card: str) -> None:
 @lru_cache(maxsize=None)
 def _table(card: str, shape: str, kernel: str) -> tuple[tuple[int, KernelConfig], ...]:
     shapes = _for_card(CONFIG_FILE, card)
-    rows = sorted((int(t), KernelConfig(**cfg)) for t, cfg in shapes.get(shape, shapes["default"])[kernel].items())
+    tables = shapes[shape] if shape in shapes else shapes["default"]
+    rows = sorted((int(t), KernelConfig(**cfg)) for t, cfg in tables[kernel].items())
     return tuple(rows)
 
 

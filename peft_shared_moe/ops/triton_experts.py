@@ -265,46 +265,53 @@ def launch(gemm: ExpertGemm) -> torch.Tensor:
     block_r = max(16, triton.next_power_of_2(max(rank, 1)))
     grid = (routing.max_blocks * (triton.cdiv(n, config.block_n) + (shrink is not None)),)
     flags = (gated, expand is not None, shrink is not None, store_pre is not None, block_r, config, gemm.precision)
-    stages = _STAGES_THAT_FIT.get(flags, config.num_stages)
+    launch_fitting(
+        _grouped_gemm_kernel, grid, flags, config.num_stages,
+        x, weight, out, lora_in, lora_b, lora_b_up, shrink_w, shrink_out,
+        pair_weights if pair_weights is not None else out, pre,
+        routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
+        n, k, rank, routing.num_pairs, float(scaling),
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1), weight.stride(2),
+        out.stride(0), out.stride(1),
+        lora_in.stride(0), lora_in.stride(1),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        shrink_w.stride(0), shrink_w.stride(1), shrink_w.stride(2),
+        shrink_out.stride(0), shrink_out.stride(1),
+        pre.stride(0), pre.stride(1),
+        X_ROW_DIV=gemm.x_row_div,
+        LORA_ROW_DIV=lora_row_div,
+        GATED=gated,
+        HAS_EXPAND=expand is not None,
+        HAS_SHRINK=shrink is not None,
+        MUL_WEIGHT=pair_weights is not None,
+        STORE_PRE=store_pre is not None,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        BLOCK_R=block_r,
+        GROUP_M=config.group_m,
+        DOT_PRECISION=gemm.precision,
+        num_warps=config.num_warps,
+    )
+    return out
+
+
+def launch_fitting(kernel, grid: tuple, key: tuple, num_stages: int, *args, **meta) -> None:
+    """`kernel[grid](*args, **meta, num_stages=...)`: a tuned tile can overflow shared memory once a
+    large rank adds its tiles, so it retries with fewer pipeline stages and remembers what fits (per
+    kernel and `key`, which must hold everything that sizes the tiles)."""
+    key = (kernel, key)
+    stages = _STAGES_THAT_FIT.get(key, num_stages)
     while True:
         try:
-            _grouped_gemm_kernel[grid](
-                x, weight, out, lora_in, lora_b, lora_b_up, shrink_w, shrink_out,
-                pair_weights if pair_weights is not None else out, pre,
-                routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
-                n, k, rank, routing.num_pairs, float(scaling),
-                x.stride(0), x.stride(1),
-                weight.stride(0), weight.stride(1), weight.stride(2),
-                out.stride(0), out.stride(1),
-                lora_in.stride(0), lora_in.stride(1),
-                lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-                shrink_w.stride(0), shrink_w.stride(1), shrink_w.stride(2),
-                shrink_out.stride(0), shrink_out.stride(1),
-                pre.stride(0), pre.stride(1),
-                X_ROW_DIV=gemm.x_row_div,
-                LORA_ROW_DIV=lora_row_div,
-                GATED=gated,
-                HAS_EXPAND=expand is not None,
-                HAS_SHRINK=shrink is not None,
-                MUL_WEIGHT=pair_weights is not None,
-                STORE_PRE=store_pre is not None,
-                BLOCK_M=config.block_m,
-                BLOCK_N=config.block_n,
-                BLOCK_K=config.block_k,
-                BLOCK_R=block_r,
-                GROUP_M=config.group_m,
-                DOT_PRECISION=gemm.precision,
-                num_warps=config.num_warps,
-                num_stages=stages,
-            )
+            kernel[grid](*args, **meta, num_stages=stages)
             break
         except triton.runtime.errors.OutOfResources:
-            # A tuned tile can overflow shared memory once a large rank adds its tiles: fewer stages.
             if stages <= 1:
                 raise
             stages -= 1
-    _STAGES_THAT_FIT[flags] = stages
-    return out
+    _STAGES_THAT_FIT[key] = stages
 
 
 # The activation dtypes the kernels are written and tested for.

@@ -38,7 +38,8 @@ from .experts_layout import ExpertsLayout
 from .kernel_configs import KernelConfig, kernel_config, shape_key
 from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_experts import (
-    ExpertGemm, _block_pairs, _expert_gemm, _tile_of_program, dot_precision, needs_autograd, triton_refusals,
+    ExpertGemm, _block_pairs, _expert_gemm, _tile_of_program, dot_precision, launch_fitting, needs_autograd,
+    triton_refusals,
 )
 from .triton_support import TritonBackendError
 
@@ -303,23 +304,21 @@ _MAX_TABLES = 64
 def _cached_table(rows: list[list[int]], scalings: Sequence[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows as an int64 device tensor, scalings as a float32 one), built once per distinct content."""
     key = (tuple(map(tuple, rows)), tuple(scalings), device)
-    cached = _TABLES.get(key)
+    cached = _TABLES.pop(key, None)
     if cached is None:
         if len(_TABLES) >= _MAX_TABLES:
-            _TABLES.clear()
+            del _TABLES[next(iter(_TABLES))]  # the least recently used
         cached = (torch.tensor(rows, dtype=torch.int64).to(device),
                   torch.tensor(list(scalings), dtype=torch.float32).to(device))
-        _TABLES[key] = cached
+    _TABLES[key] = cached  # (re)inserted last: most recently used
+    if device.type == "cuda":  # an evicted table is not reused before this stream's kernels ran
+        for t in cached:
+            t.record_stream(torch.cuda.current_stream(device))
     return cached
 
 
 def slot_table(adapters: Sequence[ExpertLoraFactors], device: torch.device) -> SlotTable:
-    dtype = adapters[0].dtype
-    factors = []
-    for lora in adapters:
-        for f in EXPERT_FACTORS:
-            t = lora[f]
-            factors.append(t.contiguous() if t.dtype == dtype else t.to(dtype).contiguous())
+    factors = [lora[f].contiguous() for lora in adapters for f in EXPERT_FACTORS]  # one dtype (mixed_refusals)
     rows = []
     for i, lora in enumerate(adapters):
         own = factors[i * 6:(i + 1) * 6]
@@ -336,8 +335,9 @@ def slot_table(adapters: Sequence[ExpertLoraFactors], device: torch.device) -> S
     )
 
 
-def check_mixed_adapters(adapters: Sequence[ExpertLoraFactors], num_experts: int, hidden: int, inter: int) -> None:
-    """Shapes the kernels' address arithmetic relies on; a mismatch names the adapter slot and factor."""
+def mixed_adapter_problems(adapters: Sequence[ExpertLoraFactors], num_experts: int, hidden: int, inter: int) -> list[str]:
+    """Shapes the kernels' address arithmetic relies on; each mismatch names the adapter slot and factor."""
+    problems = []
     for i, lora in enumerate(adapters):
         rank = lora["w1.lora_A"].shape[1]
         expected = {
@@ -347,12 +347,14 @@ def check_mixed_adapters(adapters: Sequence[ExpertLoraFactors], num_experts: int
         for f, tail in expected.items():
             t = lora[f]
             if t.dim() != 3 or tuple(t.shape[1:]) != tail or t.shape[0] not in (1, num_experts):
-                raise ValueError(f"adapter slot {i}: {f} is {tuple(t.shape)}, expected (1 or {num_experts}, {tail[0]}, {tail[1]})")
+                problems.append(f"adapter slot {i}: {f} is {tuple(t.shape)}, expected (1 or {num_experts}, {tail[0]}, {tail[1]})")
+        if problems:
+            continue
         if is_shared(lora["w1.lora_A"]) != is_shared(lora["w3.lora_A"]):
-            raise ValueError(f"adapter slot {i}: w1.lora_A and w3.lora_A must both be shared or both per expert")
-        if is_shared(lora["w1.lora_B"]) or is_shared(lora["w3.lora_B"]) or is_shared(lora["w2.lora_A"]):
-            if num_experts > 1:
-                raise ValueError(f"adapter slot {i}: only w1/w3.lora_A and w2.lora_B may be shared")
+            problems.append(f"adapter slot {i}: w1.lora_A and w3.lora_A must both be shared or both per expert")
+        if num_experts > 1 and any(is_shared(lora[f]) for f in ("w1.lora_B", "w3.lora_B", "w2.lora_A")):
+            problems.append(f"adapter slot {i}: only w1/w3.lora_A and w2.lora_B may be shared")
+    return problems
 
 
 def mixed_refusals(
@@ -370,6 +372,10 @@ def mixed_refusals(
     for lora in adapters or [None]:
         reasons += [r for r in triton_refusals(hidden_states, weights, lora, top_k_weights=top_k_weights, layout=layout)
                     if r not in reasons]
+    dtypes = {t.dtype for a in adapters for t in a.values()}
+    if len(dtypes) > 1:
+        reasons.append(f"the adapters' factors must share one dtype (the kernels read them through one pointer "
+                       f"type), got {sorted(map(str, dtypes))}")
     return reasons
 
 
@@ -403,11 +409,23 @@ def triton_mixed_experts_forward(
         raise ValueError(f"token_slot must give one slot per token, shape ({num_tokens},), got {tuple(token_slot.shape)}")
     if not adapters:
         raise ValueError("a mixed-adapter batch needs at least one adapter")
-    check_mixed_adapters(adapters, num_experts, hidden, inter)
+    problems = mixed_adapter_problems(adapters, num_experts, hidden, inter)
+    if problems:
+        raise ValueError("; ".join(problems))
+    token_slot = _slots_on(token_slot, len(adapters), hidden_states.device)
     guard = torch.cuda.device(hidden_states.device) if hidden_states.is_cuda else contextlib.nullcontext()
     with guard:
         return _mixed_forward(hidden_states.contiguous(), top_k_index, top_k_weights, gate_up_proj, down_proj,
-                              slot_table(adapters, hidden_states.device), token_slot.to(torch.int32).contiguous())
+                              slot_table(adapters, hidden_states.device), token_slot)
+
+
+def _slots_on(slots: torch.Tensor, num_slots: int, device: torch.device) -> torch.Tensor:
+    """The slot indices as the kernels read them (int32 on `device`), range-checked while still on the
+    host (the layers build them there); an index outside [-1, slots) would silently mean "none"."""
+    if slots.device.type == "cpu" and slots.numel() and not (-1 <= int(slots.min()) and int(slots.max()) < num_slots):
+        raise ValueError(f"slot indices must lie in [-1, {num_slots}) for {num_slots} adapter(s), got "
+                         f"{int(slots.min())}..{int(slots.max())}")
+    return slots.to(device=device, dtype=torch.int32, non_blocking=True).contiguous()
 
 
 def _mixed_forward(x, top_k_index, top_k_weights, gate_up_proj, down_proj, slots: SlotTable, token_slot) -> torch.Tensor:
@@ -488,7 +506,8 @@ def _mixed_gemm(gemm: ExpertGemm, slots: SlotTable, common: dict, token_lora: to
     x, weight, out, routing, config = gemm.x, gemm.weight, gemm.out, gemm.routing, gemm.config
     n = weight.shape[1] // 2 if gemm.gated else weight.shape[1]
     grid = (routing.max_blocks * triton.cdiv(n, config.block_n),)
-    _mixed_expert_gemm_kernel[grid](
+    launch_fitting(
+        _mixed_expert_gemm_kernel, grid, (gemm.gated, common["BLOCK_R"], config, gemm.precision), config.num_stages,
         x, weight, out, gemm.pair_weights if gemm.pair_weights is not None else out, token_lora, pair_lora,
         common["table_ptr"], slots.scaling, common["factor_ptr"], common["row_slot_ptr"],
         routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
@@ -498,7 +517,6 @@ def _mixed_gemm(gemm: ExpertGemm, slots: SlotTable, common: dict, token_lora: to
         X_ROW_DIV=gemm.x_row_div, TOP_K=common["TOP_K"], GATED=gemm.gated, MUL_WEIGHT=gemm.pair_weights is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=common["BLOCK_R"],
         GROUP_M=config.group_m, DOT_PRECISION=gemm.precision, num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
 
 
@@ -507,7 +525,8 @@ def _mixed_gemm(gemm: ExpertGemm, slots: SlotTable, common: dict, token_lora: to
 @triton.jit
 def _mixed_linear_lora_kernel(
     x_ptr,  # (M, K) input rows, contiguous along K
-    out_ptr,  # (M, N) the base layer's output, to which each row's delta is added in place
+    base_ptr,  # (M, N) the base layer's output
+    out_ptr,  # (M, N) base + each row's delta, strided like base
     table_ptr,  # (slots, 3) int64: lora_A (r, K) address, lora_B (N, r) address, rank
     scaling_ptr,
     factor_ptr,
@@ -554,14 +573,14 @@ def _mixed_linear_lora_kernel(
                 + offs_n[None, :] * rank + offs_r[:, None]  # (BR, BN)
             bt = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
             delta += tl.load(scaling_ptr + s) * tl.dot(xa.to(bt.dtype), bt, input_precision=DOT_PRECISION)
-    o_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :]
+    offsets = rows[:, None] * stride_om + offs_n[None, :]
     o_mask = m_ok[:, None] & n_ok[None, :]
-    out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32) + delta
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    out = tl.load(base_ptr + offsets, mask=o_mask, other=0.0).to(tl.float32) + delta
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def mixed_linear_lora_refusals(x: torch.Tensor, result: torch.Tensor, factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
-    """Why `mixed_linear_lora_` would not compute PEFT's LoRA delta exactly here; [] if it would."""
+    """Why `mixed_linear_lora` would not compute PEFT's LoRA delta exactly here; [] if it would."""
     from .triton_experts import interpreter_active
 
     tensors = [x, result, *(t for pair in factors for t in pair)]
@@ -573,7 +592,7 @@ def mixed_linear_lora_refusals(x: torch.Tensor, result: torch.Tensor, factors: S
     if any(t.device != x.device for t in tensors):
         reasons.append("the input, the base output and the factors are not on one device")
     if not result.is_contiguous():
-        reasons.append(f"the base output {tuple(result.shape)} is not contiguous; the kernel adds into it in place")
+        reasons.append(f"the base output {tuple(result.shape)} is not contiguous")
     dtypes = {t.dtype for pair in factors for t in pair}
     if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float16, torch.bfloat16}:
         reasons.append(f"the adapters' factors must share one float32/float16/bfloat16 dtype, got {sorted(map(str, dtypes))}")
@@ -582,27 +601,30 @@ def mixed_linear_lora_refusals(x: torch.Tensor, result: torch.Tensor, factors: S
     return reasons
 
 
-def mixed_linear_lora_(
+def mixed_linear_lora(
     result: torch.Tensor,
     x: torch.Tensor,
     factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
     scalings: Sequence[float],
     row_slot: torch.Tensor,
 ) -> torch.Tensor:
-    """result[m] += scalings[s] * B_s A_s x[m] for s = row_slot[m] (nothing where -1), in place, one launch.
+    """result[m] + scalings[s] * B_s A_s x[m] for s = row_slot[m] (nothing where -1), in one launch.
 
     `factors[s]` = (lora_A (r, K), lora_B (N, r)) of slot s; `x` (..., K), `result` (..., N) the base
-    output. The product runs in the factors' dtype (x cast to it, as PEFT's LoRA does) and is added
-    to `result` with one rounding. Callers check `mixed_linear_lora_refusals` first.
+    output, left untouched (a new tensor is returned). The product runs in the factors' dtype (x cast
+    to it, as PEFT's LoRA does) and is added with one rounding. Callers check
+    `mixed_linear_lora_refusals` first.
     """
     k, n = x.shape[-1], result.shape[-1]
     x2 = x.reshape(-1, k)
-    out2 = result.view(-1, n)  # a view: the kernel writes into `result`
+    base2 = result.reshape(-1, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if out2.stride(-1) != 1 or row_slot.shape != (x2.shape[0],):
-        raise ValueError(f"mixed LoRA linear: result {tuple(result.shape)} must be contiguous rows and row_slot "
-                         f"({x2.shape[0]},), got {tuple(row_slot.shape)}")
+    if base2.stride(-1) != 1 or base2.shape[0] != x2.shape[0] or row_slot.shape != (x2.shape[0],):
+        raise ValueError(f"mixed LoRA linear: x {tuple(x.shape)} and result {tuple(result.shape)} must have the same "
+                         f"rows (contiguous), and row_slot one per row ({x2.shape[0]},), got {tuple(row_slot.shape)}")
+    row_slot = _slots_on(row_slot, len(factors), x.device)
+    out2 = torch.empty_like(base2)
     for i, (a, b) in enumerate(factors):
         if a.shape[1] != k or b.shape != (n, a.shape[0]):
             raise ValueError(f"adapter slot {i}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit "
@@ -617,7 +639,8 @@ def mixed_linear_lora_(
     guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with guard:
         _mixed_linear_lora_kernel[grid](
-            x2, out2, table, scaling, kept[0], row_slot, x2.shape[0], n, k, len(factors), x2.stride(0), out2.stride(0),
+            x2, base2, out2, table, scaling, kept[0], row_slot, x2.shape[0], n, k, len(factors), x2.stride(0),
+            out2.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, DOT_PRECISION=dot_precision(kept[0].dtype),
         )
-    return result
+    return out2.view(result.shape)

@@ -47,8 +47,17 @@ def _storage(base: nn.Module, param_name: str) -> torch.Tensor:
     return local(getattr(base, param_name).data)
 
 
-BASE_NAME = "__base__"
-_FACTOR_PATHS = tuple((f, tuple(f.split("."))) for f in EXPERT_FACTORS)  # "w1.lora_A" -> ("w1", "lora_A")  # PEFT's name for "no adapter" in adapter_names
+BASE_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
+_FACTOR_PATHS = tuple((f, tuple(f.split("."))) for f in EXPERT_FACTORS)  # "w1.lora_A" -> ("w1", "lora_A")
+
+
+def _fresh_output(base: nn.Module, result: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `result` is a new tensor nobody else holds: the output of a plain `nn.Linear` that no
+    forward hook could have kept or replaced. Only then may a delta be added into it in place."""
+    from torch.nn.modules import module as torch_module
+
+    return (type(base) is nn.Linear and not base._forward_hooks and not torch_module._global_forward_hooks
+            and result._base is None and result.data_ptr() != x.data_ptr())
 
 
 def _check_adapter_name(adapter_name: str) -> None:
@@ -271,11 +280,17 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
     def factors(self, adapter_name: str) -> ExpertLoraFactors:
         """One adapter's factors as the math uses them: this rank's shards when the block is sharded,
         a replicated factor's gradient summed over the ranks (parallel.py)."""
-        if torch.compiler.is_compiling():
+        tensors = None
+        if not torch.compiler.is_compiling():
+            # eager: plain dict lookups, not nn.Module.__getattr__ twice per factor (per layer and token);
+            # a weight that is not a registered parameter (a parametrization, ...) takes the attribute path
+            try:
+                tensors = {f: self._modules[proj]._modules[side]._modules[adapter_name]._parameters["weight"]
+                           for f, (proj, side) in _FACTOR_PATHS}
+            except KeyError:
+                pass
+        if tensors is None:
             tensors = {f: self.factor_dict(f)[adapter_name].weight for f in EXPERT_FACTORS}
-        else:  # eager: plain dict lookups, not nn.Module.__getattr__ twice per factor (this runs per layer and token)
-            tensors = {f: self._modules[proj]._modules[side]._modules[adapter_name]._parameters["weight"]
-                       for f, (proj, side) in _FACTOR_PATHS}
         if self.sharding is not None:
             tensors = {f: self.sharding.local_for_compute(t) for f, t in tensors.items()}
         return ExpertLoraFactors(tensors, scaling=self.scaling[adapter_name])
@@ -424,6 +439,7 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
         result = base(x, *args, **kwargs)
         if self.merged:
             return result
+        in_place = not torch.is_grad_enabled() and _fresh_output(base, result, x)
         for name in self._active_here():
             A, B = self.lora_A[name].weight, self.lora_B[name].weight
             dropout = self.lora_dropout[name]
@@ -432,7 +448,7 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
             else:
                 x_in = x.to(A.dtype) if isinstance(dropout, nn.Identity) else dropout(x.to(A.dtype))
                 delta = F.linear(F.linear(x_in, A), B)  # plain functions: this runs per token in generate
-                if not torch.is_grad_enabled():
+                if in_place:
                     # inference: scale, cast and add as one in-place op on the base's fresh output (two
                     # launches fewer per layer and token in eager generate; one rounding instead of two)
                     result = result.add_(delta, alpha=self.scaling[name])
