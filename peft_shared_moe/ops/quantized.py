@@ -1,0 +1,95 @@
+"""Quantized expert weights (issue 11, started): the storage formats and their torch reference.
+
+Two schemes for a frozen base, both with block scales so a kernel can dequantize one tile at a time:
+
+- **NF4** (QLoRA's 4-bit NormalFloat), laid out as bitsandbytes stores it: the flattened weight in
+  blocks of `block` values (64 by default), each block scaled by its absolute maximum, each value
+  the index of the nearest of the 16 NF4 levels, two indices per byte, the first in the high nibble.
+- **FP8 block-wise**, as transformers' FineGrainedFP8 checkpoints store it: float8_e4m3fn values and
+  one float32 `weight_scale_inv` per (128 x 128) block of the last two dims, value = fp8 * scale_inv.
+
+Here only the exact torch statement of each (quantize, dequantize, round trips); the experts paths
+that read them are still to come (docs/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The 16 NF4 levels (QLoRA; the table bitsandbytes uses), ascending, in [-1, 1].
+NF4_LEVELS: tuple[float, ...] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+class QuantizationError(ValueError):
+    """A weight or checkpoint this library cannot quantize or read exactly; the message says which."""
+
+
+@dataclass(frozen=True)
+class Nf4Weight:
+    packed: torch.Tensor  # (numel / 2,) uint8, two level indices per byte, the first in the high nibble
+    absmax: torch.Tensor  # (numel / block,) float32, one scale per block of the flattened weight
+    shape: tuple[int, ...]
+    block: int
+
+
+@dataclass(frozen=True)
+class Fp8BlockWeight:
+    weight: torch.Tensor  # (..., N, K) float8_e4m3fn
+    scale_inv: torch.Tensor  # (..., N / block_n, K / block_k) float32
+    block: tuple[int, int]
+
+
+def quantize_nf4(weight: torch.Tensor, block: int = 64) -> Nf4Weight:
+    numel = weight.numel()
+    if block <= 0 or block % 2 or numel % block:
+        raise QuantizationError(f"NF4 block size {block} must be even and divide the weight's {numel} values "
+                                f"(shape {tuple(weight.shape)})")
+    blocks = weight.detach().reshape(-1, block).float()
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]
+    levels = torch.tensor(NF4_LEVELS, device=weight.device)
+    # nearest level: count the midpoints strictly below each value (a tie goes to the lower level, as
+    # bitsandbytes' `x > threshold` decision tree sends it)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    index = torch.bucketize(scaled.reshape(-1), midpoints).to(torch.uint8)
+    packed = (index[0::2] << 4) | index[1::2]
+    return Nf4Weight(packed, absmax, tuple(weight.shape), block)
+
+
+def dequantize_nf4(q: Nf4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    levels = torch.tensor(NF4_LEVELS, device=q.packed.device)
+    index = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1).long()
+    values = levels[index].reshape(-1, q.block) * q.absmax[:, None]
+    return values.reshape(q.shape).to(dtype)
+
+
+def quantize_fp8_blockwise(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> Fp8BlockWeight:
+    *lead, n, k = weight.shape
+    block_n, block_k = block
+    if n % block_n or k % block_k:
+        raise QuantizationError(f"FP8 block ({block_n}, {block_k}) must divide the weight's last two dims "
+                                f"({n}, {k}) (shape {tuple(weight.shape)})")
+    tiles = weight.detach().float().reshape(*lead, n // block_n, block_n, k // block_k, block_k)
+    amax = tiles.abs().amax(dim=(-3, -1))  # (..., N / bn, K / bk)
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    fp8 = (tiles / scale_inv[..., :, None, :, None]).to(torch.float8_e4m3fn).reshape(weight.shape)
+    return Fp8BlockWeight(fp8, scale_inv, (block_n, block_k))
+
+
+def dequantize_fp8_blockwise(q: Fp8BlockWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    *lead, n, k = q.weight.shape
+    block_n, block_k = q.block
+    if q.scale_inv.shape != (*lead, n // block_n, k // block_k) or n % block_n or k % block_k:
+        raise QuantizationError(f"FP8 weight {tuple(q.weight.shape)} with block {q.block} needs scale_inv of shape "
+                                f"{(*lead, -(-n // block_n), -(-k // block_k))} and dims divisible by the block, "
+                                f"got scale_inv {tuple(q.scale_inv.shape)}")
+    tiles = q.weight.float().reshape(*lead, n // block_n, block_n, k // block_k, block_k)
+    return (tiles * q.scale_inv[..., :, None, :, None]).reshape(q.weight.shape).to(dtype)
