@@ -47,6 +47,7 @@ from .triton_support import TritonBackendError
 # up A, up B, down A, down B), the rank, and whether gate/up A and down B are shared.
 GATE_A, GATE_B, UP_A, UP_B, DOWN_A, DOWN_B, RANK, SHARED_A, SHARED_B = range(9)
 TABLE_WIDTH = 9  # written out as 9 in the kernels
+DEFAULT_STAGES = 3  # triton's default; the kernels without a tuned tile start here (launch_fitting)
 
 
 @triton.jit
@@ -471,7 +472,8 @@ def _mixed_forward(x, top_k_index, top_k_weights, gate_up_proj, down_proj, slots
     y = torch.empty(num_tokens, hidden, dtype=dtype, device=device)
     block_m, block_n = (16, 32) if device.type != "cuda" else (16, 128)
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(hidden, block_n))
-    _mixed_combine_kernel[grid](
+    launch_fitting(
+        _mixed_combine_kernel, grid, (top_k, block_m, block_n, block_r, precision), DEFAULT_STAGES,
         out, a_down, pair_weights, y, slots.table, slots.scaling, slots.factors[0], token_slot,
         num_tokens, hidden, slots.table.shape[0], out.stride(0), a_down.stride(0), y.stride(0),
         TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, DOT_PRECISION=precision,
@@ -491,7 +493,9 @@ def _shrink(x: torch.Tensor, out: torch.Tensor, routing: Optional[BlockRouting],
         num_rows = x.shape[0]
         grid = (triton.cdiv(num_rows, block_m),)
         sorted_ids = expert_of_block = padded = common["row_slot_ptr"]  # not read for token rows
-    _mixed_shrink_kernel[grid](
+    launch_fitting(
+        _mixed_shrink_kernel, grid, (two, pair_rows, block_m, config, common["BLOCK_R"], common["DOT_PRECISION"]),
+        DEFAULT_STAGES,
         x, out, common["table_ptr"], common["factor_ptr"], common["row_slot_ptr"], sorted_ids, expert_of_block, padded,
         num_rows, x.shape[1], common["num_slots"], x.stride(0), out.stride(0),
         A_COLUMN=a_column, TWO_FACTORS=two, PAIR_ROWS=pair_rows, SERVES_SHARED=serves_shared, X_ROW_DIV=x_row_div,
@@ -638,9 +642,11 @@ def mixed_linear_lora(
     grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n, block_n))
     guard = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with guard:
-        _mixed_linear_lora_kernel[grid](
+        precision = dot_precision(kept[0].dtype)
+        launch_fitting(
+            _mixed_linear_lora_kernel, grid, (block_m, block_n, block_k, block_r, precision), DEFAULT_STAGES,
             x2, base2, out2, table, scaling, kept[0], row_slot, x2.shape[0], n, k, len(factors), x2.stride(0),
             out2.stride(0),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, DOT_PRECISION=dot_precision(kept[0].dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, DOT_PRECISION=precision,
         )
     return out2.view(result.shape)
