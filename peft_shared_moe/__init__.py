@@ -12,6 +12,8 @@ from .ops.triton_support import TritonBackendError
 from .tuners import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraModel, is_fused_experts
 from .tuners.native_loading import install_native_load_check
 from .formats import export_adapter, import_adapter, inspect_adapter, shard_adapter
+from .ops.quantized import QuantizationError
+from .quantize import quantize_experts
 
 
 def _register_with_peft() -> None:
@@ -31,6 +33,7 @@ __all__ = [
     "ExpertsLoraLayer",
     "LinearLoraLayer",
     "PEFT_TYPE",
+    "QuantizationError",
     "SharedMoeLoraConfig",
     "SharedMoeLoraModel",
     "TritonBackendError",
@@ -39,5 +42,6 @@ __all__ = [
     "import_adapter",
     "inspect_adapter",
     "is_fused_experts",
+    "quantize_experts",
     "shard_adapter",
 ]

@@ -70,3 +70,155 @@ def test_sizes_that_do_not_divide_are_refused_naming_them():
     bad = type(q)(q.weight, q.scale_inv[:, :1], q.block)
     with pytest.raises(QuantizationError, match=r"needs scale_inv of shape \(1, 2\)"):
         dequantize_fp8_blockwise(bad)
+
+
+# ---- a quantized base under the adapter (quantize_experts, the torch path) ------------------------
+
+SCHEME_ARGS = [("nf4", None), ("fp8", (16, 16))]  # the test model's dims are 32 and 16: FP8 blocks of 16
+STORAGE = {"nf4": ("packed", "absmax"), "fp8": ("weight", "scale_inv")}
+
+
+def quantized_and_reference(path, scheme, block):
+    """The test model with its experts quantized (float32 compute), and the same model in float64 whose
+    expert weights are the dequantized values: what the quantized base must compute."""
+    from peft_shared_moe import quantize_experts
+    from peft_shared_moe.ops import describe_experts
+    from tests.conftest import load
+
+    quantized = quantize_experts(load(path, dtype=torch.float32), scheme, block)
+    reference = load(path, dtype=torch.float64, experts_implementation="eager")
+    pairs = zip([m for m in quantized.modules() if describe_experts(m) is not None],
+                [m for m in reference.modules() if describe_experts(m) is not None])
+    with torch.no_grad():
+        for q, r in pairs:
+            r.gate_up_proj.copy_(q.gate_up_proj.dequantize())
+            r.down_proj.copy_(q.down_proj.dequantize())
+    return quantized, reference
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("scheme,block", SCHEME_ARGS)
+def test_adapter_on_a_quantized_base_equals_float64_on_the_dequantized_weights(qwen3_path, scheme, block):
+    """Logits, the input's gradient and every factor's gradient, with a shared-outer adapter on
+    experts and attention: exact up to accumulation order."""
+    from peft import get_peft_model
+
+    from peft_shared_moe import SharedMoeLoraConfig
+    from tests.conftest import input_ids, randomize_adapter
+
+    quantized, reference = quantized_and_reference(qwen3_path, scheme, block)
+    keys = list(quantized.state_dict())
+    assert not any(k.endswith("experts.gate_up_proj") for k in keys)  # the float weight is gone
+    assert all(any(k.endswith(f"experts.gate_up_proj.{b}") for k in keys) for b in STORAGE[scheme])
+    ids = input_ids()
+    with torch.no_grad():
+        assert rel(quantized(input_ids=ids).logits, reference(input_ids=ids).logits) < 1e-5  # the base alone
+    config = dict(r=4, target_modules=["experts", "q_proj", "v_proj"], backend="auto")
+    models = [get_peft_model(m, SharedMoeLoraConfig(**config)) for m in (quantized, reference)]
+    grads = []
+    for model in models:
+        randomize_adapter(model, seed=3)
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        logits = model(inputs_embeds=embeds).logits
+        probe = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        (logits * probe.to(logits.dtype)).sum().backward()
+        factors = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+        grads.append((logits.detach(), embeds.grad, factors))
+    (got, got_dx, got_f), (want, want_dx, want_f) = grads
+    assert rel(got, want) < 1e-5 and rel(got_dx, want_dx) < 1e-5
+    assert set(got_f) == set(want_f) and any("experts" in n for n in got_f)
+    for name in want_f:
+        assert rel(got_f[name], want_f[name]) < 1e-5, name
+
+
+def test_train_save_and_load_onto_the_unquantized_base(qwen3_path, tmp_path):
+    """A few SGD steps on a 4-bit base; the saved adapter loads onto the float base unchanged, and
+    generate runs on the quantized one."""
+    from peft import PeftModel, get_peft_model
+
+    from peft_shared_moe import SharedMoeLoraConfig
+    from tests.conftest import input_ids, load
+
+    model, _ = quantized_and_reference(qwen3_path, "nf4", None)
+    model = get_peft_model(model, SharedMoeLoraConfig(r=4, init_lora_weights=False))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = input_ids(batch=2, length=8)
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(load(qwen3_path, dtype=torch.float32), tmp_path)
+    saved = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    for name, p in loaded.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(p, saved[name]), name
+    out = model.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
+
+
+def test_merge_onto_a_quantized_base_is_refused_and_changes_nothing(qwen3_path):
+    from peft import get_peft_model
+
+    from peft_shared_moe import SharedMoeLoraConfig
+    from tests.conftest import randomize_adapter
+
+    model, _ = quantized_and_reference(qwen3_path, "nf4", None)
+    model = get_peft_model(model, SharedMoeLoraConfig(r=4, target_modules=["q_proj", "experts"]))
+    randomize_adapter(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"held quantized \(nf4\).*merge onto the bf16 base"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="held quantized"):
+        model.merge_and_unload()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # q_proj included: no layer merged first
+
+
+def test_triton_refuses_a_quantized_base_and_auto_runs_the_torch_path(qwen3_path):
+    from peft_shared_moe.ops import describe_experts
+    from peft_shared_moe.ops.triton_experts import triton_refusals
+
+    model, _ = quantized_and_reference(qwen3_path, "fp8", (16, 16))
+    experts = next(m for m in model.modules() if describe_experts(m) is not None)
+    reasons = triton_refusals(torch.randn(3, 32), (experts.gate_up_proj, experts.down_proj))
+    assert any("held quantized (fp8)" in r for r in reasons)
+
+
+def test_quantize_experts_refusals_change_nothing(qwen3_path):
+    from peft_shared_moe import QuantizationError, quantize_experts
+    from tests.conftest import load
+
+    model = load(qwen3_path, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=r"scheme 'int3' is not supported; supported: \['fp8', 'nf4'\]"):
+        quantize_experts(model, "int3")
+    with pytest.raises(QuantizationError, match=r"gate_up_proj: FP8 block \(128, 128\) must divide the weight's last two dims \(32, 32\)"):
+        quantize_experts(model, "fp8")
+    with pytest.raises(QuantizationError, match=r"NF4 block size 48 must be even and divide one expert's 1024"):
+        quantize_experts(model, "nf4", 48)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    quantize_experts(model, "nf4")
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_experts(model, "nf4")
+
+
+def test_moving_a_quantized_block_keeps_its_storage(qwen3_path):
+    from peft_shared_moe.ops import describe_experts
+
+    model, _ = quantized_and_reference(qwen3_path, "fp8", (16, 16))
+    experts = next(m for m in model.modules() if describe_experts(m) is not None)
+    values = experts.gate_up_proj.dequantize()
+    model.to(torch.float64)
+    weight = experts.gate_up_proj
+    assert weight.weight.dtype == torch.float8_e4m3fn and weight.scale_inv.dtype == torch.float32
+    assert weight.dtype == torch.float64  # the compute dtype follows the model
+    assert torch.equal(weight.dequantize(), values.double())

@@ -108,7 +108,9 @@ def gate_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _is_3d(t: object) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == 3
+    from .quantized import QuantizedExpertWeights  # a quantized base keeps the weight's (E, out, in) shape
+
+    return isinstance(t, (torch.Tensor, QuantizedExpertWeights)) and t.dim() == 3
 
 
 def _takes_routing(module: nn.Module) -> bool:

@@ -8,15 +8,19 @@ Two schemes for a frozen base, both with block scales so a kernel can dequantize
 - **FP8 block-wise**, as transformers' FineGrainedFP8 checkpoints store it: float8_e4m3fn values and
   one float32 `weight_scale_inv` per (128 x 128) block of the last two dims, value = fp8 * scale_inv.
 
-Here only the exact torch statement of each (quantize, dequantize, round trips); the experts paths
-that read them are still to come (docs/DESIGN.md).
+`QuantizedExpertWeights` holds one projection's expert weights in either scheme where an experts
+block keeps its `gate_up_proj` / `down_proj` (`peft_shared_moe.quantize_experts`); the torch experts
+path computes its products by dequantizing one expert at a time. The semantics are weight-only
+quantization: x @ dequantize(W)^T in the compute dtype (docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import nn
 
 # The 16 NF4 levels (QLoRA; the table bitsandbytes uses), ascending, in [-1, 1].
 NF4_LEVELS: tuple[float, ...] = (
@@ -93,3 +97,113 @@ def dequantize_fp8_blockwise(q: Fp8BlockWeight, dtype: torch.dtype = torch.float
                                 f"got scale_inv {tuple(q.scale_inv.shape)}")
     tiles = q.weight.float().reshape(*lead, n // block_n, block_n, k // block_k, block_k)
     return (tiles * q.scale_inv[..., :, None, :, None]).reshape(q.weight.shape).to(dtype)
+
+
+class QuantizedExpertWeights(nn.Module):
+    """One projection's (E, out, in) expert weights held quantized and frozen, where an experts block
+    keeps its `gate_up_proj` / `down_proj`. It answers what the experts code reads of a weight (shape,
+    compute dtype, device, never a gradient) and computes its grouped product by dequantizing one
+    expert at a time (`grouped_linear`), so the whole weight is never materialised in 16 bits.
+    The buffers are its state: `.to(device)` and the model's state dict carry them."""
+
+    scheme: str = ""
+    requires_grad = False
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.compute_dtype = dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def dim(self) -> int:
+        return 3
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)` moves the storage; a dtype change (`model.to(torch.bfloat16)`, `.half()`) only
+        changes the compute dtype: the quantized values and their float32 scales keep their dtypes."""
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            target = fn(buf[:0])
+            if buf.is_floating_point() and buf.dtype == torch.float32 and target.dtype != buf.dtype:
+                self.compute_dtype = target.dtype
+            self._buffers[name] = buf.to(target.device)
+        return self
+
+    @staticmethod
+    def check(shape: tuple[int, ...], **block) -> None:
+        """Raise `QuantizationError` naming the size if `shape` cannot be stored with `block`."""
+        raise NotImplementedError
+
+    def expert(self, e: int) -> torch.Tensor:
+        """Expert e's (out, in) weight, dequantized into the compute dtype."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole (E, out, in) weight; for tests and references only."""
+        return torch.stack([self.expert(e) for e in range(self.shape[0])])
+
+    def grouped_linear(self, x: torch.Tensor, group_ends: list[int]) -> torch.Tensor:
+        """(S, in) rows sorted by expert, `group_ends[e]` the end of expert e's rows -> (S, out)."""
+        x = x.to(self.compute_dtype)
+        out = x.new_zeros(x.shape[0], self.shape[1])
+        start = 0
+        for e, end in enumerate(group_ends):
+            if end > start:
+                out[start:end] = x[start:end] @ self.expert(e).T
+            start = end
+        return out
+
+
+class Nf4ExpertWeights(QuantizedExpertWeights):
+    scheme = "nf4"
+
+    @staticmethod
+    def check(shape: tuple[int, ...], block: int = 64) -> None:
+        per_expert = shape[1] * shape[2]
+        if block <= 0 or block % 2 or per_expert % block:  # blocks may not straddle experts
+            raise QuantizationError(f"NF4 block size {block} must be even and divide one expert's {per_expert} "
+                                    f"values (weight {tuple(shape)})")
+
+    def __init__(self, weight: torch.Tensor, block: int = 64, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(tuple(weight.shape), dtype or weight.dtype)
+        self.check(tuple(weight.shape), block)
+        quantized = [quantize_nf4(w, block) for w in weight]
+        self.block = block
+        self.register_buffer("packed", torch.stack([q.packed for q in quantized]))  # (E, out * in / 2)
+        self.register_buffer("absmax", torch.stack([q.absmax for q in quantized]))  # (E, out * in / block)
+
+    def expert(self, e: int) -> torch.Tensor:
+        return dequantize_nf4(Nf4Weight(self.packed[e], self.absmax[e], tuple(self.shape[1:]), self.block),
+                              self.compute_dtype)
+
+
+class Fp8ExpertWeights(QuantizedExpertWeights):
+    scheme = "fp8"
+
+    @staticmethod
+    def check(shape: tuple[int, ...], block: tuple[int, int] = (128, 128)) -> None:
+        if len(block) != 2 or shape[1] % block[0] or shape[2] % block[1]:
+            raise QuantizationError(f"FP8 block {tuple(block)} must divide the weight's last two dims "
+                                    f"{tuple(shape[1:])} (shape {tuple(shape)})")
+
+    def __init__(self, weight: torch.Tensor, block: tuple[int, int] = (128, 128), dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__(tuple(weight.shape), dtype or weight.dtype)
+        self.check(tuple(weight.shape), block)
+        q = quantize_fp8_blockwise(weight, block)
+        self.block = tuple(block)
+        self.register_buffer("weight", q.weight)  # (E, out, in) float8_e4m3fn
+        self.register_buffer("scale_inv", q.scale_inv)  # (E, out / bn, in / bk) float32
+
+    def expert(self, e: int) -> torch.Tensor:
+        return dequantize_fp8_blockwise(Fp8BlockWeight(self.weight[e], self.scale_inv[e], self.block), self.compute_dtype)
+
+
+SCHEMES = {"nf4": Nf4ExpertWeights, "fp8": Fp8ExpertWeights}

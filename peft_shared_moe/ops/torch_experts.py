@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..factors import EXPERT_FACTORS
 from .experts_layout import ExpertsLayout, default_gate
+from .quantized import QuantizedExpertWeights
 from .routing import ExpertRouting, sort_pairs_by_expert
 
 
@@ -74,6 +75,8 @@ class GroupedLinear(Protocol):
 
 def loop_grouped_linear(x: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
     """Exact per-expert loop: any dtype and device, but one host sync and E small matmuls."""
+    if isinstance(weight, QuantizedExpertWeights):  # dequantized one expert at a time
+        return weight.grouped_linear(x, routing.group_ends.tolist())
     x = x.to(weight.dtype)
     ends = routing.group_ends.tolist()
     starts = [0] + ends[:-1]
@@ -106,7 +109,7 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def grouped_mm_linear(x: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
     """torch's grouped GEMM over the expert groups; falls back to the loop where it cannot run."""
-    if not _grouped_mm_supported(x, weight):
+    if isinstance(weight, QuantizedExpertWeights) or not _grouped_mm_supported(x, weight):
         return loop_grouped_linear(x, weight, routing)
     # grouped_mm reads the (in, out) view of each expert's weight; its backward needs a dense input.
     return F.grouped_mm(x.to(weight.dtype).contiguous(), weight.transpose(-2, -1), offs=routing.group_ends)

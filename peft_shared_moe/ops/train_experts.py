@@ -170,9 +170,13 @@ def train_refusals(layout: Optional[ExpertsLayout], gate_up_proj: torch.Tensor, 
     """Why `train_experts_forward` would not compute exactly what the module computes (empty: it will)."""
     from .experts_layout import _is_silu
 
+    from .quantized import QuantizedExpertWeights
+
     reasons = []
     if lora is None:
         reasons.append("no adapter: the base alone is transformers' own experts code")
+    if isinstance(gate_up_proj, QuantizedExpertWeights) or isinstance(down_proj, QuantizedExpertWeights):
+        reasons.append("the base is held quantized; it reads bf16/fp16/fp32 weights (use backend='torch')")
     if layout is not None and not layout.fused_kernels_ok:
         reasons.append(f"it implements [gate; up] (E, 2I, H) weights without bias and a SiLU gate, not {layout}")
     if act_fn is not None and not _is_silu(act_fn):

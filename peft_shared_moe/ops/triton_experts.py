@@ -35,6 +35,7 @@ from ..factors import EXPERT_FACTORS
 from .block_routing import BlockRouting, align_pairs_to_blocks
 from .experts_layout import ExpertsLayout, _is_silu
 from .kernel_configs import KernelConfig, kernel_config, shape_key
+from .quantized import QuantizedExpertWeights
 from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_support import TritonBackendError
 
@@ -377,6 +378,10 @@ def triton_refusals(
     if lora is not None:
         named.update((f, lora[f]) for f in EXPERT_FACTORS)
     reasons = []
+    quantized = [n for n in ("gate_up_proj", "down_proj") if isinstance(named[n], QuantizedExpertWeights)]
+    if quantized:
+        reasons.append(f"{', '.join(quantized)} are held quantized ({named[quantized[0]].scheme}); the kernels for a "
+                       f"quantized base are not built yet: use backend='auto' or 'torch' (dequantizes per expert)")
     if needs_autograd(*named.values()):
         # the training kernels (triton_train.py) give the input's, the routing weights' and the factors' gradients
         base_grad = [n for n in ("gate_up_proj", "down_proj") if named[n].requires_grad]

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import SharedMoeLoraConfig
 from ..factors import EXPERT_FACTORS, PROJECTIONS, factor_shape, fan_in
 from ..ops import AdapterCall, ExpertLoraFactors, describe_experts, mixed_linear_lora, run_experts, run_mixed_experts
+from ..ops.quantized import QuantizedExpertWeights
 from ..parallel import (
     ParallelLayoutError,
     Sharding,
@@ -94,6 +95,7 @@ class SharedMoeLoraLayer(BaseTunerLayer):
 
     def merged_values(self, adapter_names: list[str], safe_merge: bool) -> dict[str, torch.Tensor]:
         """The base parameters after merging `adapter_names`, computed aside; raises before any write."""
+        self.check_mergeable()
         base = self.get_base_layer()
         sharded_by_fsdp = [n for n, p in base.named_parameters(recurse=False) if is_data_parallel_shard(p)]
         if sharded_by_fsdp:
@@ -114,6 +116,17 @@ class SharedMoeLoraLayer(BaseTunerLayer):
                     f"merging adapter(s) {adapter_names} would make {broken} non-finite; nothing was merged"
                 )
         return merged
+
+    def check_mergeable(self) -> None:
+        """Raise where a merge cannot write the base: one held quantized (it would re-quantize the sum)."""
+        base = self.get_base_layer()
+        quantized = [n for n in ("gate_up_proj", "down_proj") if isinstance(getattr(base, n, None), QuantizedExpertWeights)]
+        if quantized:
+            raise ValueError(
+                f"cannot merge into {type(base).__name__}: {quantized} are held quantized "
+                f"({getattr(base, quantized[0]).scheme}), and merging would re-quantize the sum; merge onto the "
+                f"bf16 base instead (the saved adapter loads onto it unchanged), e.g. `peft-shared-moe merge`"
+            )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = self._to_merge(adapter_names)

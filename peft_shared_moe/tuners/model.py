@@ -315,15 +315,19 @@ class SharedMoeLoraModel(BaseTuner):
     # ---- merging: every layer is checked before any base weight changes ----------------------
 
     def _check_all_merges(self, adapter_names: Optional[list[str]], safe_merge: bool) -> None:
-        """With safe_merge, every layer's merged weights are computed aside (and dropped) first, so a
-        non-finite result in any layer raises before the first write. Without it nothing can refuse."""
+        """Every layer that would merge is checked before the first write: a quantized base refuses, and
+        with safe_merge every layer's merged weights are computed aside (and dropped) first, so a
+        non-finite result in any layer raises then too."""
+        layers = [m for m in self.model.modules() if isinstance(m, SharedMoeLoraLayer)]
+        for module in layers:
+            if module._to_merge(adapter_names):
+                module.check_mergeable()
         if not safe_merge:
             return
-        for module in self.model.modules():
-            if isinstance(module, SharedMoeLoraLayer):
-                names = module._to_merge(adapter_names)  # the ones not merged there yet
-                if names:
-                    module.merged_values(names, safe_merge=True)
+        for module in layers:
+            names = module._to_merge(adapter_names)  # the ones not merged there yet
+            if names:
+                module.merged_values(names, safe_merge=True)
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         self._check_merge_allowed()
