@@ -182,14 +182,54 @@ def test_merge_onto_a_quantized_base_is_refused_and_changes_nothing(qwen3_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # q_proj included: no layer merged first
 
 
-def test_triton_refuses_a_quantized_base_and_auto_runs_the_torch_path(qwen3_path):
-    from peft_shared_moe.ops import describe_experts
+@pytest.mark.parametrize("scheme,block", [("nf4", 16), ("fp8", (16, 16))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["none", "shared", "per_expert"])
+def test_kernels_on_a_quantized_base_equal_the_torch_path(scheme, block, dtype, layout):
+    """The Triton kernels dequantizing tiles in registers (the interpreter on CPU), against the torch
+    path on the same quantized weights, which dequantizes whole experts (float64 reference math)."""
+    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors
+    from peft_shared_moe.ops.quantized import SCHEMES
+    from tests.reference import naive_moe_lora
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    E, H, I, T, k, r = 5, 32, 48, 13, 2, 4
+    gate_up = SCHEMES[scheme](torch.randn(E, 2 * I, H, generator=gen) * 0.2, block, dtype=dtype).to(device)
+    down = SCHEMES[scheme](torch.randn(E, H, I, generator=gen) * 0.2, block, dtype=dtype).to(device)
+    x = torch.randn(T, H, generator=gen)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, k, generator=gen), -1)
+    factors = None
+    if layout != "none":
+        outer = 1 if layout == "shared" else E
+        shapes = {"w1.lora_A": (outer, r, H), "w3.lora_A": (outer, r, H), "w1.lora_B": (E, I, r),
+                  "w3.lora_B": (E, I, r), "w2.lora_A": (E, r, I), "w2.lora_B": (outer, H, r)}
+        factors = {f: torch.randn(*s, generator=gen, dtype=torch.float64) * 0.3 for f, s in shapes.items()}
+    want = naive_moe_lora(x, idx, w, gate_up.dequantize().double().cpu(), down.dequantize().double().cpu(), factors, 0.7)
+    lora = None if factors is None else ExpertLoraFactors({f: t.float().to(device) for f, t in factors.items()}, 0.7)
+    with torch.no_grad():
+        got = EXPERTS_BACKENDS["triton"](x.to(device, dtype), idx.to(device), w.to(device, dtype), gate_up, down, None,
+                                         lora=lora)
+    assert rel(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_triton_refuses_training_on_a_quantized_base_and_auto_keeps_the_torch_path(qwen3_path, monkeypatch):
+    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertsLayout, describe_experts, resolve_backend
+    from peft_shared_moe.ops import triton_experts
     from peft_shared_moe.ops.triton_experts import triton_refusals
 
     model, _ = quantized_and_reference(qwen3_path, "fp8", (16, 16))
     experts = next(m for m in model.modules() if describe_experts(m) is not None)
-    reasons = triton_refusals(torch.randn(3, 32), (experts.gate_up_proj, experts.down_proj))
-    assert any("held quantized (fp8)" in r for r in reasons)
+    weights = (experts.gate_up_proj, experts.down_proj)
+    x = torch.randn(3, 32, requires_grad=True)
+    assert any("held quantized and autograd is needed" in r for r in triton_refusals(x, weights))
+    assert triton_refusals(x.detach(), weights) == []  # inference runs the kernels
+    monkeypatch.setattr(triton_experts, "AUTO_DEVICE_TYPES", ("cuda", "cpu"))
+    layout = describe_experts(experts)
+    with torch.no_grad():
+        assert resolve_backend("auto", x.detach(), torch.rand(3, 2), layout, None, weights) is EXPERTS_BACKENDS["torch"]
+    assert isinstance(layout, ExpertsLayout)
 
 
 def test_quantize_experts_refusals_change_nothing(qwen3_path):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .experts_layout import ExpertsLayout, UnsupportedExpertsError, describe_experts, gate_function
+from .quantized import holds_quantized
 from .routing import ExpertRouting, sort_pairs_by_expert
 from .torch_experts import ExpertLoraFactors, experts_forward, grouped_mm_linear, loop_grouped_linear
 from .train_experts import train_experts_forward
@@ -76,7 +77,9 @@ def resolve_backend(
         reasons = triton_experts.triton_refusals(hidden_states, weights, lora, top_k_weights=top_k_weights, layout=layout)
         if name == "triton" and reasons:
             raise TritonBackendError.from_reasons(reasons)
-        if name == "triton" or (not reasons and hidden_states.device.type in triton_experts.AUTO_DEVICE_TYPES):
+        # A quantized base stays on the torch path under "auto" until its kernels are measured on a GPU.
+        on_auto = not reasons and hidden_states.device.type in triton_experts.AUTO_DEVICE_TYPES
+        if name == "triton" or (on_auto and not holds_quantized(weights)):
             return partial(EXPERTS_BACKENDS["triton"], refusals_checked=True)
     if name == "auto":
         name = "torch"

@@ -207,3 +207,7 @@ class Fp8ExpertWeights(QuantizedExpertWeights):
 
 
 SCHEMES = {"nf4": Nf4ExpertWeights, "fp8": Fp8ExpertWeights}
+
+
+def holds_quantized(weights) -> bool:
+    return any(isinstance(w, QuantizedExpertWeights) for w in weights)

@@ -35,7 +35,7 @@ from ..factors import EXPERT_FACTORS
 from .block_routing import BlockRouting, align_pairs_to_blocks
 from .experts_layout import ExpertsLayout, _is_silu
 from .kernel_configs import KernelConfig, kernel_config, shape_key
-from .quantized import QuantizedExpertWeights
+from .quantized import holds_quantized
 from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_support import TritonBackendError
 
@@ -378,10 +378,11 @@ def triton_refusals(
     if lora is not None:
         named.update((f, lora[f]) for f in EXPERT_FACTORS)
     reasons = []
-    quantized = [n for n in ("gate_up_proj", "down_proj") if isinstance(named[n], QuantizedExpertWeights)]
-    if quantized:
-        reasons.append(f"{', '.join(quantized)} are held quantized ({named[quantized[0]].scheme}); the kernels for a "
-                       f"quantized base are not built yet: use backend='auto' or 'torch' (dequantizes per expert)")
+    if holds_quantized(weights) and needs_autograd(*named.values()):
+        reasons.append("the base is held quantized and autograd is needed: the kernels on a quantized base are for "
+                       "inference (their backward is not built); use backend='auto' or 'torch' (dequantizes per expert)")
+    if holds_quantized(weights) and not all(holds_quantized([w]) for w in weights):
+        reasons.append("gate_up_proj and down_proj must both be held quantized, or neither")
     if needs_autograd(*named.values()):
         # the training kernels (triton_train.py) give the input's, the routing weights' and the factors' gradients
         base_grad = [n for n in ("gate_up_proj", "down_proj") if named[n].requires_grad]
@@ -513,6 +514,10 @@ def triton_experts_forward(
             reasons.append("a gate function without its layout cannot be checked against the kernels' SiLU gate")
         if reasons:
             raise TritonBackendError.from_reasons(reasons)
+    if holds_quantized((gate_up_proj, down_proj)):
+        from .triton_quantized import triton_quantized_forward
+
+        return triton_quantized_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)
     if lora is not None and torch.is_grad_enabled():
         from .triton_train import triton_train_forward
 
