@@ -262,3 +262,24 @@ def test_moving_a_quantized_block_keeps_its_storage(qwen3_path):
     assert weight.weight.dtype == torch.float8_e4m3fn and weight.scale_inv.dtype == torch.float32
     assert weight.dtype == torch.float64  # the compute dtype follows the model
     assert torch.equal(weight.dequantize(), values.double())
+
+
+def test_training_keeps_no_dequantized_weight():
+    """The torch path's autograd saves nothing of the weight's size: the backward dequantizes again.
+    Its input gradient equals float64 autograd through the dequantized weight."""
+    from peft_shared_moe.ops.quantized import Nf4ExpertWeights
+
+    gen = torch.Generator().manual_seed(3)
+    weight = Nf4ExpertWeights(torch.randn(3, 24, 32, generator=gen), 32)
+    x = torch.randn(10, 32, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = weight.grouped_linear(x, [4, 4, 10])
+    assert not any(s[-2:] in ((24, 32), (32, 24)) for s in saved), saved
+    probe = torch.randn(y.shape, generator=gen)
+    (grad,) = torch.autograd.grad(y, x, probe)
+    dense = weight.dequantize().double()
+    xd = x.detach().double().requires_grad_()
+    want = torch.cat([xd[:4] @ dense[0].T, xd[4:10] @ dense[2].T])
+    (want_grad,) = torch.autograd.grad(want, xd, probe.double())
+    assert rel(y, want) < 1e-6 and rel(grad, want_grad) < 1e-6

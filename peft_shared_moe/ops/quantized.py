@@ -151,15 +151,34 @@ class QuantizedExpertWeights(nn.Module):
         return torch.stack([self.expert(e) for e in range(self.shape[0])])
 
     def grouped_linear(self, x: torch.Tensor, group_ends: list[int]) -> torch.Tensor:
-        """(S, in) rows sorted by expert, `group_ends[e]` the end of expert e's rows -> (S, out)."""
-        x = x.to(self.compute_dtype)
-        out = x.new_zeros(x.shape[0], self.shape[1])
+        """(S, in) rows sorted by expert, `group_ends[e]` the end of expert e's rows -> (S, out).
+
+        Differentiable in x; autograd keeps no dequantized weight (the backward dequantizes again),
+        so training holds the quantized storage only."""
+        return _DequantizingGroupedLinear.apply(x.to(self.compute_dtype), self, tuple(group_ends))
+
+    def _grouped_product(self, rows: torch.Tensor, group_ends: tuple[int, ...], transposed: bool) -> torch.Tensor:
+        """rows_e @ W_e^T per expert group (forward), or rows_e @ W_e (the input's gradient)."""
+        out = rows.new_zeros(rows.shape[0], self.shape[2] if transposed else self.shape[1])
         start = 0
         for e, end in enumerate(group_ends):
             if end > start:
-                out[start:end] = x[start:end] @ self.expert(e).T
+                w = self.expert(e)
+                out[start:end] = rows[start:end] @ (w if transposed else w.T)
             start = end
         return out
+
+
+class _DequantizingGroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: QuantizedExpertWeights, group_ends: tuple[int, ...]) -> torch.Tensor:
+        ctx.weight, ctx.group_ends = weight, group_ends
+        return weight._grouped_product(x, group_ends, transposed=False)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = ctx.weight._grouped_product(grad_out, ctx.group_ends, transposed=True)
+        return grad_x, None, None
 
 
 class Nf4ExpertWeights(QuantizedExpertWeights):
