@@ -14,6 +14,8 @@ ordinary kernels (`launch`), shared B_down once per token after the routing-weig
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +29,12 @@ from .triton_experts import (
 )
 
 NF4, FP8 = 1, 2  # SCHEME values
+
+
+@functools.lru_cache(maxsize=None)
+def _levels(device: torch.device) -> torch.Tensor:
+    """The NF4 levels on `device`, made once: no host-to-device copy per call (CUDA graph capture)."""
+    return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
 @triton.jit
@@ -143,7 +151,7 @@ def _quantized_gemm(x, weight: QuantizedExpertWeights, out, routing, config, pre
         scheme, q, scale, qblock, qblock_nk = FP8, weight.weight.view(torch.uint8), weight.scale_inv, 1, weight.block
     else:
         raise TypeError(f"no kernel reads {type(weight).__name__}")
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=x.device)
+    levels = _levels(x.device)
     has_expand = lora_in is not None
     lora_in = lora_in if has_expand else out
     lora_b = lora_b if has_expand else scale.view(1, 1, -1)
