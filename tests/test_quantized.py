@@ -283,3 +283,22 @@ def test_training_keeps_no_dequantized_weight():
     want = torch.cat([xd[:4] @ dense[0].T, xd[4:10] @ dense[2].T])
     (want_grad,) = torch.autograd.grad(want, xd, probe.double())
     assert rel(y, want) < 1e-6 and rel(grad, want_grad) < 1e-6
+
+
+def test_experts_quantized_by_another_scheme_are_refused_naming_it(qwen3_path):
+    """A block holding FineGrainedFP8 weights (float8 + *_scale_inv), as transformers loads an FP8
+    checkpoint: get_peft_model refuses it instead of computing with unscaled values."""
+    from peft import get_peft_model
+
+    from peft_shared_moe import SharedMoeLoraConfig, UnsupportedExpertsError
+    from peft_shared_moe.ops import describe_experts
+    from tests.conftest import load
+
+    model = load(qwen3_path, dtype=torch.float32)
+    experts = next(m for m in model.modules() if describe_experts(m) is not None)
+    for p in ("gate_up_proj", "down_proj"):
+        q = quantize_fp8_blockwise(getattr(experts, p).detach(), (16, 16))
+        setattr(experts, p, torch.nn.Parameter(q.weight, requires_grad=False))
+        experts.register_parameter(f"{p}_scale_inv", torch.nn.Parameter(q.scale_inv, requires_grad=False))
+    with pytest.raises(UnsupportedExpertsError, match=r"quantized by FineGrainedFP8 \(gate_up_proj torch.float8_e4m3fn"):
+        get_peft_model(model, SharedMoeLoraConfig(r=4))

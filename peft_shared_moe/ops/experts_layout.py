@@ -136,6 +136,29 @@ def _shape_reading(gate_up: torch.Tensor, down: torch.Tensor, transposed: bool) 
     return num_experts, hidden, two_i // 2
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _refuse_foreign_quantization(module: nn.Module, name: str, gate_up, down) -> None:
+    """Expert weights quantized by another scheme (transformers' FineGrainedFP8, an int / FP4 packing):
+    their values mean nothing without that scheme's scales and kernels, so computing with them would be
+    silently wrong. Only this library's own `QuantizedExpertWeights` (quantize_experts) are read."""
+    from .quantized import QuantizedExpertWeights
+
+    scale_names = ("scale_inv", "_scale", "_scales", "absmax")
+    scales = sorted(n for n, _ in module.named_parameters(recurse=False) if n.endswith(scale_names))
+    scales += sorted(n for n, _ in module.named_buffers(recurse=False) if n.endswith(scale_names))
+    foreign = [(p, t.dtype) for p, t in (("gate_up_proj", gate_up), ("down_proj", down))
+               if isinstance(t, torch.Tensor) and t.dtype not in _FLOAT_DTYPES]
+    if foreign or (scales and not isinstance(gate_up, QuantizedExpertWeights)):
+        scheme = "FineGrainedFP8" if any("scale_inv" in s for s in scales) else "an unknown quantization"
+        raise UnsupportedExpertsError(
+            f"{name}: expert weights quantized by {scheme} ({', '.join(f'{p} {d}' for p, d in foreign) or 'float'}"
+            f"{', scales ' + ', '.join(scales) if scales else ''}) are not supported: load the bf16 model and "
+            f"quantize it with peft_shared_moe.quantize_experts(model, 'nf4' or 'fp8')"
+        )
+
+
 def describe_experts(module: nn.Module) -> Optional[ExpertsLayout]:
     """The layout of a fused experts block, None for any other module.
 
@@ -160,6 +183,7 @@ def describe_experts(module: nn.Module) -> Optional[ExpertsLayout]:
         return None
     if not (_is_3d(gate_up) and _is_3d(down)):
         return None
+    _refuse_foreign_quantization(module, name, gate_up, down)
 
     if getattr(module, "has_post_expert_norm", False):
         raise UnsupportedExpertsError(
