@@ -3,8 +3,9 @@
 Rows `{"scheme": "bf16" | "nf4" | "fp8", "what", "ms" or "tokens_per_s", "peak_gib"}`:
 - `decode_layer_T1_graph`: one Qwen3-30B-A3B experts layer (E=128, H=2048, I=768, top-8) with a
   shared-outer r=32 adapter at T = 1, the Triton kernels replayed from a CUDA graph (ms);
-- `train_step_48l_seq4096`: the full 48-layer shape, random weights quantized after building (so
-  the load peak is the bf16 model's, `load_peak_gib`), shared-outer r=32 on experts + attention,
+- `train_step_48l_seq4096`: the full 48-layer shape with random weights; a quantized base is built
+  on the CPU and quantized block by block onto the GPU (`quantize_experts(..., device="cuda")`;
+  `load_peak_gib` is the GPU's peak while loading), shared-outer r=32 on experts + attention,
   gradient checkpointing, seq 4096 x 1 (tokens/s, and the step's `peak_gib`). A quantized base
   trains on the torch path (per-expert dequantization); bf16 on the Triton training kernels.
 Each quantized layer's output is checked against the torch path before it is timed.
@@ -50,14 +51,31 @@ def decode_rows() -> list[dict]:
     return rows
 
 
+def build_on_cpu(layers: int):
+    """build_on_gpu's model (same random weights up to the generator), in host memory."""
+    from transformers import Qwen3MoeForCausalLM
+
+    from benchmarks.train_distributed import model_config
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM._from_config(model_config(layers), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight") or "experts" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
 def step_row(scheme: str, layers: int = 48, seq: int = 4096) -> dict:
     from benchmarks.train_distributed import add_adapter, build_on_gpu
     from peft_shared_moe import quantize_experts
 
     torch.cuda.reset_peak_memory_stats()
-    model = build_on_gpu(layers)
-    if scheme != "bf16":
-        quantize_experts(model, scheme)
+    if scheme == "bf16":
+        model = build_on_gpu(layers)
+    else:
+        model = build_on_cpu(layers)
+        quantize_experts(model, scheme, device="cuda")
     load_peak = torch.cuda.max_memory_allocated() / 2**30
     model = add_adapter(model, "ours")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

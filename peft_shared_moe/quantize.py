@@ -15,13 +15,18 @@ from .ops import IMPLEMENTATION_NAME, describe_experts, register_transformers_ex
 from .ops.quantized import SCHEMES, QuantizationError, QuantizedExpertWeights
 
 
-def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = None) -> nn.Module:
+def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = None,
+                     device: Optional[torch.device | str] = None) -> nn.Module:
     """Quantize, in place, the `gate_up_proj` and `down_proj` of every fused experts block of `model`
     with `scheme` ("nf4": `block` values per absmax, 64 by default; "fp8": (128, 128) blocks by
     default), and route the blocks through this library's experts implementation. The compute dtype
     is the weights' dtype before quantization. Refuses, before changing anything, a scheme it does not
     know, a block size that does not divide the weights, and blocks it cannot run exactly quantized
-    (transposed, interleaved or biased storage, or weights already quantized)."""
+    (transposed, interleaved or biased storage, or weights already quantized).
+
+    With `device` (e.g. "cuda" for a model loaded on the CPU), each block's weights are quantized
+    there and the rest of the model follows at the end: the device never holds more than the
+    quantized model plus one block's bf16 weights, well below the bf16 model's size."""
     if scheme not in SCHEMES:
         raise QuantizationError(f"quantization scheme {scheme!r} is not supported; supported: {sorted(SCHEMES)}")
     blocks = [(name, m) for name, m in model.named_modules() if describe_experts(m) is not None]
@@ -49,7 +54,9 @@ def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = No
     for name, experts in tqdm(blocks, desc=f"quantizing experts ({scheme})", disable=len(blocks) < 8):
         for p in ("gate_up_proj", "down_proj"):
             weight = getattr(experts, p)
-            quantized = SCHEMES[scheme](weight.detach(), **kwargs)
+            target = weight.detach() if device is None else weight.detach().to(device)
+            quantized = SCHEMES[scheme](target, **kwargs)
+            del target
             delattr(experts, p)  # the bf16 parameter goes before the next block is quantized
             setattr(experts, p, quantized)
         config = getattr(experts, "config", None)
@@ -57,5 +64,7 @@ def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = No
             config._experts_implementation = IMPLEMENTATION_NAME
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(IMPLEMENTATION_NAME)
+    if device is not None:
+        model.to(device)
     return model
 

@@ -302,3 +302,18 @@ def test_experts_quantized_by_another_scheme_are_refused_naming_it(qwen3_path):
         experts.register_parameter(f"{p}_scale_inv", torch.nn.Parameter(q.scale_inv, requires_grad=False))
     with pytest.raises(UnsupportedExpertsError, match=r"quantized by FineGrainedFP8 \(gate_up_proj torch.float8_e4m3fn"):
         get_peft_model(model, SharedMoeLoraConfig(r=4))
+
+
+def test_quantizing_onto_a_device_moves_the_model(qwen3_path):
+    """quantize_experts(..., device=) quantizes each block there and moves the rest of the model after;
+    the result computes what quantizing in place computes (on the CPU-only CI the target is the CPU)."""
+    from peft_shared_moe import quantize_experts
+    from tests.conftest import input_ids, load
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = quantize_experts(load(qwen3_path, dtype=torch.float32), "nf4", device=device)
+    b = quantize_experts(load(qwen3_path, dtype=torch.float32), "nf4")
+    assert all(t.device.type == device for t in a.state_dict().values())
+    with torch.no_grad():
+        assert torch.allclose(a(input_ids=input_ids().to(device)).logits.cpu(), b(input_ids=input_ids()).logits,
+                              rtol=1e-4, atol=1e-5)
