@@ -51,21 +51,6 @@ def decode_rows() -> list[dict]:
     return rows
 
 
-def build_on_cpu(layers: int):
-    """build_on_gpu's model (same random weights up to the generator), in host memory."""
-    from transformers import Qwen3MoeForCausalLM
-
-    from benchmarks.train_distributed import model_config
-
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM._from_config(model_config(layers), dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate.weight") or "experts" in name:
-                p.normal_(0, 0.02)
-    return model
-
-
 def step_row(scheme: str, layers: int = 48, seq: int = 4096) -> dict:
     from benchmarks.train_distributed import add_adapter, build_on_gpu
     from peft_shared_moe import quantize_experts
@@ -74,7 +59,7 @@ def step_row(scheme: str, layers: int = 48, seq: int = 4096) -> dict:
     if scheme == "bf16":
         model = build_on_gpu(layers)
     else:
-        model = build_on_cpu(layers)
+        model = build_on_gpu(layers, device="cpu")
         quantize_experts(model, scheme, device="cuda")
     load_peak = torch.cuda.max_memory_allocated() / 2**30
     model = add_adapter(model, "ours")

@@ -61,12 +61,12 @@ def model_config(layers: int):
     )
 
 
-def build_on_gpu(layers: int):
-    """Random bf16 weights built on this rank's GPU (no float32 copy ever exists)."""
+def build_on_gpu(layers: int, device: str = "cuda"):
+    """Random bf16 weights built on this rank's GPU, or `device` (no float32 copy ever exists)."""
     from transformers import Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Qwen3MoeForCausalLM._from_config(model_config(layers), dtype=torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
