@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--per-expert", action="store_true", help="shared_outer=False: every factor per expert")
     p.add_argument("--max-test", type=int, default=None, help="evaluate on the first N test lines only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", choices=["nf4", "fp8"], help="hold the experts' base weights in 4-bit NF4 or FP8")
+    p.add_argument("--quant-block", type=int, default=None,
+                   help="NF4 values per scale (default 64), or the FP8 block side (default 128; 32 for the tiny model)")
     return p.parse_args()
 
 
@@ -157,8 +160,13 @@ def training_arguments(
     return arguments_class(**{**settings, **overrides})
 
 
-def load_base(path: str, **kwargs) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+def load_base(path: str, quantize: str | None = None, block: int | None = None, **kwargs) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+    if quantize:
+        from peft_shared_moe import quantize_experts
+
+        quantize_experts(model, quantize, block if quantize == "nf4" or block is None else (block, block))
+    return model
 
 
 def main() -> int:
@@ -171,9 +179,10 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     train = read_jsonl(Path(args.data) / "train.jsonl")
     test = read_jsonl(Path(args.data) / "test.jsonl")[: args.max_test]
-    base = load_base(args.model)
+    base = load_base(args.model, args.quantize, args.quant_block)
 
-    print(f"base model: {args.model}  train={len(train)}  test={len(test)}")
+    print(f"base model: {args.model}{f' (experts held {args.quantize})' if args.quantize else ''}  "
+          f"train={len(train)}  test={len(test)}")
     before = evaluate(base, tokenizer, test)
     print(f"base      : accuracy {before['accuracy']:.1%}  held-out loss {before['loss']:.3f}")
 
@@ -214,7 +223,7 @@ def main() -> int:
     adapter_bytes = sum(f.stat().st_size for f in out.glob("adapter_model.*"))
 
     # Reload into a fresh base and compare logits on a batch: save/load must be lossless.
-    reloaded = peft.PeftModel.from_pretrained(load_base(args.model), out)
+    reloaded = peft.PeftModel.from_pretrained(load_base(args.model, args.quantize, args.quant_block), out)
     reloaded.eval()
     model.eval()
     batch = PadCollator(tokenizer.pad_token_id)([encode(tokenizer, ex) for ex in test[:32]])
