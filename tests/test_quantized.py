@@ -342,3 +342,21 @@ def test_demo_fine_tune_on_a_4bit_base_reaches_the_float_base(tmp_path):
     nf4_accuracy, nf4_loss = run("--quantize", "nf4")
     assert float_accuracy > 5  # the run learns the task at all
     assert nf4_accuracy >= float_accuracy - 5 and nf4_loss <= 1.15 * float_loss
+
+
+def test_casting_back_restores_the_compute_dtype_and_mixed_kernels_refuse(qwen3_path):
+    from peft_shared_moe.ops import ExpertLoraFactors, describe_experts
+    from peft_shared_moe.ops.triton_mixed import mixed_refusals
+
+    model, _ = quantized_and_reference(qwen3_path, "nf4", None)
+    experts = next(m for m in model.modules() if describe_experts(m) is not None)
+    model.half()
+    assert experts.gate_up_proj.dtype == torch.float16
+    model.float()
+    assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.absmax.dtype == torch.float32
+    lora = ExpertLoraFactors({f: torch.zeros(1 if f in ("w1.lora_A", "w3.lora_A", "w2.lora_B") else 6, *s)
+                              for f, s in {"w1.lora_A": (2, 32), "w3.lora_A": (2, 32), "w1.lora_B": (16, 2),
+                                           "w3.lora_B": (16, 2), "w2.lora_A": (2, 16), "w2.lora_B": (32, 2)}.items()}, 1.0)
+    with torch.no_grad():
+        reasons = mixed_refusals(torch.randn(3, 32), (experts.gate_up_proj, experts.down_proj), [lora])
+    assert any("held quantized" in r for r in reasons)

@@ -129,12 +129,12 @@ class QuantizedExpertWeights(nn.Module):
         """`.to(device)` moves the storage; a dtype change (`model.to(torch.bfloat16)`, `.half()`) only
         changes the compute dtype: the quantized values and their float32 scales keep their dtypes."""
         for name, buf in self._buffers.items():
-            if buf is None:
-                continue
-            target = fn(buf[:0])
-            if buf.is_floating_point() and buf.dtype == torch.float32 and target.dtype != buf.dtype:
-                self.compute_dtype = target.dtype
-            self._buffers[name] = buf.to(target.device)
+            if buf is not None:
+                self._buffers[name] = buf.to(fn(buf[:0]).device)
+        # what the cast does to a tensor of the compute dtype itself (so .half() then .float() returns)
+        cast = fn(torch.empty(0, dtype=self.compute_dtype))
+        if cast.is_floating_point():
+            self.compute_dtype = cast.dtype
         return self
 
     @staticmethod

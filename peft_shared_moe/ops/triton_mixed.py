@@ -36,6 +36,7 @@ from ..factors import EXPERT_FACTORS
 from .block_routing import BlockRouting, align_pairs_to_blocks
 from .experts_layout import ExpertsLayout
 from .kernel_configs import KernelConfig, kernel_config, shape_key
+from .quantized import holds_quantized
 from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_experts import (
     ExpertGemm, _block_pairs, _expert_gemm, _tile_of_program, dot_precision, launch_fitting, needs_autograd,
@@ -368,6 +369,8 @@ def mixed_refusals(
 ) -> list[str]:
     """Every reason the mixed kernels would not compute this call exactly; [] if none."""
     reasons = []
+    if holds_quantized(weights):
+        reasons.append("the mixed kernels read bf16/fp16/fp32 base weights; the base is held quantized")
     if needs_autograd(hidden_states, top_k_weights, *(t for a in adapters for t in a.values())):
         reasons.append("mixed-adapter batches are for inference: the mixed kernels have no backward")
     for lora in adapters or [None]:
