@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peft_shared_moe.ops.quantized import (
-    FP8_MAX, NF4_LEVELS, QuantizationError, dequantize_fp8_blockwise, dequantize_nf4, quantize_fp8_blockwise,
+    FP8_MAX, NF4_LEVELS, Fp8BlockWeight, QuantizationError, dequantize_fp8_blockwise, dequantize_nf4, quantize_fp8_blockwise,
     quantize_nf4,
 )
 
@@ -189,12 +189,23 @@ def test_kernels_on_a_quantized_base_equal_the_torch_path(scheme, block, dtype, 
     """The Triton kernels dequantizing tiles in registers (the interpreter on CPU), against the torch
     path on the same quantized weights, which dequantizes whole experts (float64 reference math)."""
     from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors
-    from peft_shared_moe.ops.quantized import SCHEMES
     from tests.reference import naive_moe_lora
 
+    device, gate_up, down, x, idx, w, factors = quantized_layer(scheme, block, dtype, layout=layout)
+    want = naive_moe_lora(x, idx, w, gate_up.dequantize().double().cpu(), down.dequantize().double().cpu(), factors, 0.7)
+    lora = None if factors is None else ExpertLoraFactors({f: t.float().to(device) for f, t in factors.items()}, 0.7)
+    with torch.no_grad():
+        got = EXPERTS_BACKENDS["triton"](x.to(device, dtype), idx.to(device), w.to(device, dtype), gate_up, down, None,
+                                         lora=lora)
+    assert rel(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def quantized_layer(scheme, block, dtype=torch.float32, seed=7, E=5, H=32, I=48, T=13, k=2, r=4, layout="shared"):
+    """A random quantized experts layer, routing, and float64 adapter factors (None for layout "none")."""
+    from peft_shared_moe.ops.quantized import SCHEMES
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator().manual_seed(7)
-    E, H, I, T, k, r = 5, 32, 48, 13, 2, 4
+    gen = torch.Generator().manual_seed(seed)
     gate_up = SCHEMES[scheme](torch.randn(E, 2 * I, H, generator=gen) * 0.2, block, dtype=dtype).to(device)
     down = SCHEMES[scheme](torch.randn(E, H, I, generator=gen) * 0.2, block, dtype=dtype).to(device)
     x = torch.randn(T, H, generator=gen)
@@ -206,16 +217,54 @@ def test_kernels_on_a_quantized_base_equal_the_torch_path(scheme, block, dtype, 
         shapes = {"w1.lora_A": (outer, r, H), "w3.lora_A": (outer, r, H), "w1.lora_B": (E, I, r),
                   "w3.lora_B": (E, I, r), "w2.lora_A": (E, r, I), "w2.lora_B": (outer, H, r)}
         factors = {f: torch.randn(*s, generator=gen, dtype=torch.float64) * 0.3 for f, s in shapes.items()}
-    want = naive_moe_lora(x, idx, w, gate_up.dequantize().double().cpu(), down.dequantize().double().cpu(), factors, 0.7)
-    lora = None if factors is None else ExpertLoraFactors({f: t.float().to(device) for f, t in factors.items()}, 0.7)
-    with torch.no_grad():
-        got = EXPERTS_BACKENDS["triton"](x.to(device, dtype), idx.to(device), w.to(device, dtype), gate_up, down, None,
-                                         lora=lora)
-    assert rel(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 2e-2)
+    return device, gate_up, down, x, idx, w, factors
 
 
-def test_triton_refuses_training_on_a_quantized_base_and_auto_keeps_the_torch_path(qwen3_path, monkeypatch):
-    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertsLayout, describe_experts, resolve_backend
+@pytest.mark.parametrize("scheme,block", [("nf4", 16), ("fp8", (16, 16))])
+@pytest.mark.parametrize("layout", ["shared", "per_expert"])
+def test_training_kernels_on_a_quantized_base_equal_float64_autograd(scheme, block, layout):
+    """backend="triton" under autograd on a quantized base (the interpreter on CPU): the output and the
+    gradients of the input, the routing weights and all six factors against float64 autograd through
+    the naive loop on the dequantized weights."""
+    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors
+    from tests.reference import naive_moe_lora
+
+    device, gate_up, down, x, idx, w, factors = quantized_layer(scheme, block, layout=layout)
+    names = sorted(factors)
+    ref = {f: t.clone().requires_grad_() for f, t in factors.items()}
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    want = naive_moe_lora(xd, idx, wd, gate_up.dequantize().double().cpu(), down.dequantize().double().cpu(), ref, 0.7)
+    probe = torch.randn(want.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    want_grads = torch.autograd.grad(want, [xd, wd, *(ref[f] for f in names)], probe)
+
+    got_f = {f: t.float().to(device).requires_grad_() for f, t in factors.items()}
+    xg, wg = x.to(device).requires_grad_(), w.to(device).requires_grad_()
+    got = EXPERTS_BACKENDS["triton"](xg, idx.to(device), wg, gate_up, down, None, lora=ExpertLoraFactors(got_f, 0.7))
+    got_grads = torch.autograd.grad(got, [xg, wg, *(got_f[f] for f in names)], probe.float().to(device))
+    assert rel(got.cpu(), want) < 1e-5
+    for name, g, ref_g in zip(["x", "top_k_weights", *names], got_grads, want_grads):
+        assert rel(g.cpu(), ref_g) < 1e-5, name
+
+
+def test_the_training_dequantization_decodes_as_the_torch_path_and_keeps_no_dense_weight():
+    """The transient buffer equals the reference dequantization (both schemes), and autograd's saved
+    tensors hold nothing of a weight's size: the backward dequantizes again."""
+    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors
+    from peft_shared_moe.ops.triton_quantized import dequantized
+
+    for scheme, block in (("nf4", 16), ("fp8", (16, 16))):
+        device, gate_up, down, x, idx, w, factors = quantized_layer(scheme, block)
+        for weight in (gate_up, down):
+            assert torch.equal(dequantized(weight, torch.float32), weight.dequantize())
+    lora = ExpertLoraFactors({f: t.float().to(device).requires_grad_() for f, t in factors.items()}, 0.5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        EXPERTS_BACKENDS["triton"](x.to(device), idx.to(device), w.to(device), gate_up, down, None, lora=lora)
+    assert saved and not any(len(s) == 3 and s[1:] in ((96, 32), (32, 48)) for s in saved), saved
+
+
+def test_auto_runs_the_kernels_on_a_quantized_base_and_refuses_them_under_compile(qwen3_path, monkeypatch):
+    from peft_shared_moe.ops import EXPERTS_BACKENDS, describe_experts, resolve_backend
     from peft_shared_moe.ops import triton_experts
     from peft_shared_moe.ops.triton_experts import triton_refusals
 
@@ -223,13 +272,16 @@ def test_triton_refuses_training_on_a_quantized_base_and_auto_keeps_the_torch_pa
     experts = next(m for m in model.modules() if describe_experts(m) is not None)
     weights = (experts.gate_up_proj, experts.down_proj)
     x = torch.randn(3, 32, requires_grad=True)
-    assert any("held quantized and autograd is needed" in r for r in triton_refusals(x, weights))
-    assert triton_refusals(x.detach(), weights) == []  # inference runs the kernels
+    assert triton_refusals(x, weights) == ["autograd is needed and the kernels' backward trains an adapter, none is "
+                                           "given: use backend='auto' or 'torch'"]
+    assert triton_refusals(x.detach(), weights) == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert any("quantized training path is eager only" in r for r in triton_refusals(x, weights))
+    monkeypatch.undo()
     monkeypatch.setattr(triton_experts, "AUTO_DEVICE_TYPES", ("cuda", "cpu"))
-    layout = describe_experts(experts)
     with torch.no_grad():
-        assert resolve_backend("auto", x.detach(), torch.rand(3, 2), layout, None, weights) is EXPERTS_BACKENDS["torch"]
-    assert isinstance(layout, ExpertsLayout)
+        chosen = resolve_backend("auto", x.detach(), torch.rand(3, 2), describe_experts(experts), None, weights)
+    assert chosen.func is EXPERTS_BACKENDS["triton"]
 
 
 def test_quantize_experts_refusals_change_nothing(qwen3_path):
@@ -360,3 +412,224 @@ def test_casting_back_restores_the_compute_dtype_and_mixed_kernels_refuse(qwen3_
     with torch.no_grad():
         reasons = mixed_refusals(torch.randn(3, 32), (experts.gate_up_proj, experts.down_proj), [lora])
     assert any("held quantized" in r for r in reasons)
+
+
+def test_saving_the_quantized_base_is_refused_and_writes_nothing(qwen3_path, tmp_path):
+    """transformers would write buffers no loader reads back (the experts would reload random); the
+    adapter saves as usual."""
+    from peft import get_peft_model
+
+    from peft_shared_moe import QuantizationError, SharedMoeLoraConfig
+
+    model, _ = quantized_and_reference(qwen3_path, "nf4", None)
+    target = tmp_path / "base"
+    with pytest.raises(QuantizationError, match=r"held quantized by peft_shared_moe.*save the adapter instead"):
+        model.save_pretrained(target)
+    assert not target.exists()
+    peft_model = get_peft_model(model, SharedMoeLoraConfig(r=4))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(QuantizationError):
+        peft_model.unload().save_pretrained(target)
+    assert not target.exists()
+
+
+class _WrappedWeight(torch.Tensor):
+    """A tensor subclass that reports a float dtype while its values live elsewhere (as torchao's
+    quantized tensors do)."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __tensor_flatten__(self):
+        return ["inner"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
+        return _WrappedWeight(inner_tensors["inner"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, _WrappedWeight) else t  # noqa: E731
+        return func(*map(unwrap, args), **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+def test_a_tensor_subclass_weight_is_refused_naming_its_class(qwen3_path):
+    from peft import get_peft_model
+
+    from peft_shared_moe import SharedMoeLoraConfig, UnsupportedExpertsError
+    from peft_shared_moe.ops import describe_experts
+    from tests.conftest import load
+
+    model = load(qwen3_path, dtype=torch.float32)
+    experts = next(m for m in model.modules() if describe_experts(m) is not None)
+    weight = experts.gate_up_proj.detach()
+    del experts.gate_up_proj
+    experts.gate_up_proj = _WrappedWeight(weight)
+    assert experts.gate_up_proj.dtype == torch.float32
+    with pytest.raises(UnsupportedExpertsError, match=r"gate_up_proj is a _WrappedWeight"):
+        get_peft_model(model, SharedMoeLoraConfig(r=4))
+
+
+def test_quantize_experts_refuses_meta_and_sharded_weights_changing_nothing(qwen3_path, monkeypatch):
+    from peft_shared_moe import QuantizationError, quantize
+    from peft_shared_moe.ops import describe_experts
+    from tests.conftest import load
+
+    model = load(qwen3_path, dtype=torch.float32)
+    blocks = [m for m in model.modules() if describe_experts(m) is not None]
+    blocks[-1].down_proj = torch.nn.Parameter(torch.empty(blocks[-1].down_proj.shape, device="meta"))
+    before = {k: v.clone() for k, v in model.state_dict().items() if not v.is_meta}
+    with pytest.raises(QuantizationError, match=r"layers\.\d+\.mlp\.experts\.down_proj is on the meta device"):
+        quantize.quantize_experts(model, "nf4")
+    sharded = blocks[0].gate_up_proj
+    monkeypatch.setattr(quantize, "is_dtensor", lambda t: t is sharded)
+    with pytest.raises(QuantizationError, match=r"layers\.0\.mlp\.experts\.gate_up_proj is a DTensor .*before sharding"):
+        quantize.quantize_experts(model, "fp8", 16)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(type(getattr(b, "gate_up_proj")).__name__.endswith("ExpertWeights") for b in blocks)
+
+
+def test_an_int_fp8_block_means_a_square_block(qwen3_path):
+    from peft_shared_moe import QuantizationError, quantize_experts
+    from peft_shared_moe.ops import describe_experts
+    from peft_shared_moe.ops.quantized import Fp8ExpertWeights
+
+    model, _ = quantized_and_reference(qwen3_path, "fp8", 16)
+    experts = next(m for m in model.modules() if describe_experts(m) is not None)
+    assert experts.gate_up_proj.block == (16, 16) and experts.gate_up_proj.scale_inv.shape[1:] == (2, 2)
+    for bad in (0, (16,), (16, "x")):
+        with pytest.raises(QuantizationError, match="FP8 block must be a positive int or a"):
+            Fp8ExpertWeights(torch.randn(2, 32, 32), bad)
+    from tests.conftest import load
+
+    with pytest.raises(QuantizationError, match=r"FP8 block \(24, 24\) must divide"):
+        quantize_experts(load(qwen3_path, dtype=torch.float32), "fp8", 24)
+
+
+def fine_grained_fp8_model(path, block=(16, 16)):
+    """The test model with its experts swapped for transformers' FineGrainedFP8 `FP8Experts` (built as
+    transformers builds them for an FP8 checkpoint) holding FP8 values and scales, and the float64
+    reference whose experts hold those values dequantized."""
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+    from transformers.integrations.moe import use_experts_implementation
+
+    from peft_shared_moe.ops import describe_experts
+    from tests.conftest import load
+
+    model = load(path, dtype=torch.float32)
+    reference = load(path, dtype=torch.float64, experts_implementation="eager")
+    fp8_class = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS,
+                                           has_bias=False, has_gate=True)
+    names = [n for n, m in model.named_modules() if describe_experts(m) is not None]
+    for name in names:
+        experts, ref = model.get_submodule(name), reference.get_submodule(name)
+        fp8 = fp8_class(config=experts.config, block_size=block, activation_scheme="dynamic")
+        with torch.no_grad():
+            for p in ("gate_up_proj", "down_proj"):
+                q = quantize_fp8_blockwise(getattr(experts, p).detach(), block)
+                getattr(fp8, p).copy_(q.weight)
+                getattr(fp8, f"{p}_scale_inv").copy_(q.scale_inv)
+                getattr(ref, p).copy_(dequantize_fp8_blockwise(q, torch.float64))
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, fp8)
+    return model, reference
+
+
+def test_fine_grained_fp8_experts_are_adopted_as_stored_and_compute_on_their_values(qwen3_path):
+    """quantize_experts(model, "fp8") on FineGrainedFP8 experts keeps their very bytes (no copy), and
+    the model computes x @ dequantize(W)^T: logits against float64 on the dequantized weights, with
+    and without an adapter; the other schemes are refused for them."""
+    from peft import get_peft_model
+
+    from peft_shared_moe import QuantizationError, SharedMoeLoraConfig, quantize_experts
+    from peft_shared_moe.ops import describe_experts
+    from peft_shared_moe.ops.quantized import Fp8ExpertWeights
+    from tests.conftest import input_ids, randomize_adapter
+
+    model, reference = fine_grained_fp8_model(qwen3_path)
+    first = next(m for m in model.modules() if hasattr(m, "gate_up_proj_scale_inv"))
+    stored = first.gate_up_proj.data_ptr()
+    with pytest.raises(QuantizationError, match="can be adopted as 'fp8' only"):
+        quantize_experts(model, "nf4")
+    quantize_experts(model, "fp8")
+    assert isinstance(first.gate_up_proj, Fp8ExpertWeights) and first.gate_up_proj.weight.data_ptr() == stored
+    assert first.gate_up_proj.dtype == torch.float32 and not hasattr(first, "gate_up_proj_scale_inv")
+    assert describe_experts(first) is not None
+    ids = input_ids()
+    with torch.no_grad():
+        assert rel(model(input_ids=ids).logits, reference(input_ids=ids).logits) < 1e-5
+    models = [get_peft_model(m, SharedMoeLoraConfig(r=4)) for m in (model, reference)]
+    for m in models:
+        randomize_adapter(m, seed=2)
+    with torch.no_grad():
+        got, want = (m(input_ids=ids).logits for m in models)
+    assert rel(got, want) < 1e-5
+
+
+def test_fine_grained_fp8_variants_it_cannot_read_are_refused_changing_nothing(qwen3_path):
+    from peft_shared_moe import QuantizationError, quantize_experts
+
+    model, _ = fine_grained_fp8_model(qwen3_path)
+    first = next(m for m in model.modules() if hasattr(m, "gate_up_proj_scale_inv"))
+    first.activation_scheme = "static"
+    first.down_proj_scale_inv.data = first.down_proj_scale_inv.data.to(torch.bfloat16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(QuantizationError, match=r"activation_scheme='static'.*down_proj_scale_inv is torch.bfloat16"):
+        quantize_experts(model, "fp8")
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_merge_into_an_fp8_linear_is_refused(qwen3_path):
+    """A dense linear whose weight is FP8 (FineGrainedFP8's FP8Linear): the merge would write the sum
+    into 8-bit storage, so it is refused before any layer changes."""
+    from peft import get_peft_model
+
+    from peft_shared_moe import SharedMoeLoraConfig
+    from tests.conftest import load, randomize_adapter
+
+    model = get_peft_model(load(qwen3_path, dtype=torch.float32), SharedMoeLoraConfig(r=4, target_modules=["experts", "q_proj"]))
+    randomize_adapter(model)
+    q_proj = next(m for n, m in model.named_modules() if n.endswith("layers.1.self_attn.q_proj.base_layer"))
+    q_proj.weight = torch.nn.Parameter(q_proj.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot merge into Linear: \['weight'\] are held quantized \(torch.float8_e4m3fn\)"):
+        model.merge_adapter()
+    after = model.state_dict()
+    assert all(torch.equal(before[k].float(), after[k].float()) for k in before)
+
+
+@pytest.mark.gpu
+def test_a_fine_grained_fp8_load_is_adopted_and_each_block_computes_on_its_stored_values(qwen3_path):
+    """transformers quantizes the checkpoint to FineGrainedFP8 while loading it on the GPU (its FP8Experts
+    hold e4m3 values and scale_inv); quantize_experts adopts them as stored and every experts block then
+    computes with them dequantized: each block against the naive float64 loop on those values."""
+    from transformers import FineGrainedFP8Config
+
+    from peft_shared_moe import quantize_experts
+    from tests.conftest import load
+    from tests.reference import naive_moe_lora
+
+    model = load(qwen3_path, dtype=torch.bfloat16, device_map="cuda",
+                 quantization_config=FineGrainedFP8Config(weight_block_size=(16, 16)))
+    blocks = [m for m in model.modules() if hasattr(m, "gate_up_proj_scale_inv")]
+    assert blocks and blocks[0].gate_up_proj.dtype == torch.float8_e4m3fn
+    stored = [{p: dequantize_fp8_blockwise(Fp8BlockWeight(getattr(b, p).detach(), getattr(b, f"{p}_scale_inv").detach(),
+                                                          (16, 16)), torch.float64).cpu()
+               for p in ("gate_up_proj", "down_proj")} for b in blocks]
+    quantize_experts(model, "fp8")
+    gen = torch.Generator().manual_seed(4)
+    for block, weights in zip(blocks, stored):
+        x = torch.randn(11, weights["gate_up_proj"].shape[2], generator=gen)
+        idx = torch.stack([torch.randperm(weights["down_proj"].shape[0], generator=gen)[:2] for _ in range(11)])
+        w = torch.softmax(torch.randn(11, 2, generator=gen), -1)
+        with torch.no_grad():
+            got = block(x.to("cuda", torch.bfloat16), idx.cuda(), w.to("cuda", torch.bfloat16))
+        want = naive_moe_lora(x, idx, w, weights["gate_up_proj"], weights["down_proj"], None, 0.0)
+        assert rel(got.float().cpu(), want) < 1e-2

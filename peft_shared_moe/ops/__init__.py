@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .experts_layout import ExpertsLayout, UnsupportedExpertsError, describe_experts, gate_function
-from .quantized import holds_quantized
 from .routing import ExpertRouting, sort_pairs_by_expert
 from .torch_experts import ExpertLoraFactors, experts_forward, grouped_mm_linear, loop_grouped_linear
 from .train_experts import train_experts_forward
@@ -77,9 +76,8 @@ def resolve_backend(
         reasons = triton_experts.triton_refusals(hidden_states, weights, lora, top_k_weights=top_k_weights, layout=layout)
         if name == "triton" and reasons:
             raise TritonBackendError.from_reasons(reasons)
-        # A quantized base stays on the torch path under "auto" until its kernels are measured on a GPU.
         on_auto = not reasons and hidden_states.device.type in triton_experts.AUTO_DEVICE_TYPES
-        if name == "triton" or (on_auto and not holds_quantized(weights)):
+        if name == "triton" or on_auto:
             return partial(EXPERTS_BACKENDS["triton"], refusals_checked=True)
     if name == "auto":
         name = "torch"
@@ -254,6 +252,11 @@ def register_transformers_experts_implementation(name: str = IMPLEMENTATION_NAME
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     ALL_EXPERTS_FUNCTIONS.register(name, transformers_experts_forward)
+    try:  # FineGrainedFP8's experts dispatch through their own registry (adopted by quantize_experts)
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+    except ImportError:
+        return
+    ALL_FP8_EXPERTS_FUNCTIONS.register(name, transformers_experts_forward)
 
 
 __all__ = [

@@ -139,23 +139,39 @@ def _shape_reading(gate_up: torch.Tensor, down: torch.Tensor, transposed: bool) 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _tensor_subclass(t: object) -> Optional[str]:
+    """The class name of a tensor subclass that wraps other storage (torchao's quantized tensors, ...),
+    None for plain tensors, parameters and DTensor shards: such a subclass may report a float dtype
+    while its values live elsewhere, so reading it as a dense weight is not known to be exact."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if not isinstance(t, torch.Tensor) or not is_traceable_wrapper_subclass(t):
+        return None
+    return None if type(t).__name__ == "DTensor" else type(t).__name__
+
+
 def _refuse_foreign_quantization(module: nn.Module, name: str, gate_up, down) -> None:
-    """Expert weights quantized by another scheme (transformers' FineGrainedFP8, an int / FP4 packing):
-    their values mean nothing without that scheme's scales and kernels, so computing with them would be
-    silently wrong. Only this library's own `QuantizedExpertWeights` (quantize_experts) are read."""
+    """Expert weights quantized by another scheme (transformers' FineGrainedFP8, an int / FP4 packing, a
+    torchao tensor subclass): their values mean nothing without that scheme's scales and kernels, so
+    computing with them would be silently wrong. Only this library's own `QuantizedExpertWeights`
+    (quantize_experts, which also adopts FineGrainedFP8 experts) are read."""
     from .quantized import QuantizedExpertWeights
 
     scale_names = ("scale_inv", "_scale", "_scales", "absmax")
     scales = sorted(n for n, _ in module.named_parameters(recurse=False) if n.endswith(scale_names))
     scales += sorted(n for n, _ in module.named_buffers(recurse=False) if n.endswith(scale_names))
-    foreign = [(p, t.dtype) for p, t in (("gate_up_proj", gate_up), ("down_proj", down))
-               if isinstance(t, torch.Tensor) and t.dtype not in _FLOAT_DTYPES]
+    pairs = (("gate_up_proj", gate_up), ("down_proj", down))
+    foreign = [f"{p} {t.dtype}" for p, t in pairs if isinstance(t, torch.Tensor) and t.dtype not in _FLOAT_DTYPES]
+    foreign += [f"{p} is a {_tensor_subclass(t)}" for p, t in pairs if _tensor_subclass(t)]
     if foreign or (scales and not isinstance(gate_up, QuantizedExpertWeights)):
-        scheme = "FineGrainedFP8" if any("scale_inv" in s for s in scales) else "an unknown quantization"
+        fine_grained = any("scale_inv" in s for s in scales)
+        scheme = "FineGrainedFP8" if fine_grained else "an unknown quantization"
+        remedy = ("peft_shared_moe.quantize_experts(model, 'fp8') adopts its FP8 weights and scales as they are"
+                  if fine_grained else
+                  "load the bf16 model and quantize it with peft_shared_moe.quantize_experts(model, 'nf4' or 'fp8')")
         raise UnsupportedExpertsError(
-            f"{name}: expert weights quantized by {scheme} ({', '.join(f'{p} {d}' for p, d in foreign) or 'float'}"
-            f"{', scales ' + ', '.join(scales) if scales else ''}) are not supported: load the bf16 model and "
-            f"quantize it with peft_shared_moe.quantize_experts(model, 'nf4' or 'fp8')"
+            f"{name}: expert weights quantized by {scheme} ({', '.join(foreign) or 'float'}"
+            f"{', scales ' + ', '.join(scales) if scales else ''}) are not supported as they are: {remedy}"
         )
 
 

@@ -208,18 +208,54 @@ class Fp8ExpertWeights(QuantizedExpertWeights):
     scheme = "fp8"
 
     @staticmethod
-    def check(shape: tuple[int, ...], block: tuple[int, int] = (128, 128)) -> None:
-        if len(block) != 2 or shape[1] % block[0] or shape[2] % block[1]:
-            raise QuantizationError(f"FP8 block {tuple(block)} must divide the weight's last two dims "
+    def block_pair(block: int | tuple[int, int]) -> tuple[int, int]:
+        """(block_n, block_k) from an int b (meaning b x b, as the NF4 block is one int) or a pair."""
+        pair = (block, block) if isinstance(block, int) else tuple(block)
+        if len(pair) != 2 or not all(isinstance(b, int) and b > 0 for b in pair):
+            raise QuantizationError(f"FP8 block must be a positive int or a (block_n, block_k) pair, got {block!r}")
+        return pair
+
+    @classmethod
+    def check(cls, shape: tuple[int, ...], block: int | tuple[int, int] = (128, 128)) -> None:
+        block = cls.block_pair(block)
+        if shape[1] % block[0] or shape[2] % block[1]:
+            raise QuantizationError(f"FP8 block {block} must divide the weight's last two dims "
                                     f"{tuple(shape[1:])} (shape {tuple(shape)})")
 
-    def __init__(self, weight: torch.Tensor, block: tuple[int, int] = (128, 128), dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, weight: torch.Tensor, block: int | tuple[int, int] = (128, 128),
+                 dtype: Optional[torch.dtype] = None) -> None:
         super().__init__(tuple(weight.shape), dtype or weight.dtype)
         self.check(tuple(weight.shape), block)
-        q = quantize_fp8_blockwise(weight, block)
-        self.block = tuple(block)
-        self.register_buffer("weight", q.weight)  # (E, out, in) float8_e4m3fn
-        self.register_buffer("scale_inv", q.scale_inv)  # (E, out / bn, in / bk) float32
+        self.block = self.block_pair(block)
+        num_experts, n, k = weight.shape
+        fp8 = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+        scale_inv = torch.empty(num_experts, n // self.block[0], k // self.block[1], device=weight.device)
+        for e in range(num_experts):  # one expert in float32 at a time, never the whole projection
+            q = quantize_fp8_blockwise(weight[e], self.block)
+            fp8[e], scale_inv[e] = q.weight, q.scale_inv
+        self.register_buffer("weight", fp8)  # (E, out, in) float8_e4m3fn
+        self.register_buffer("scale_inv", scale_inv)  # (E, out / bn, in / bk) float32
+
+    @classmethod
+    def from_stored(cls, weight: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int],
+                    dtype: torch.dtype) -> "Fp8ExpertWeights":
+        """Adopt FP8 values and scales already in this layout (a FineGrainedFP8 checkpoint's), as they are:
+        no copy, no re-quantization."""
+        block = cls.block_pair(block)
+        num_experts, n, k = weight.shape
+        want = (num_experts, n // block[0], k // block[1])
+        if weight.dtype != torch.float8_e4m3fn or scale_inv.dtype != torch.float32 or tuple(scale_inv.shape) != want:
+            raise QuantizationError(
+                f"FP8 experts need float8_e4m3fn weights and float32 scale_inv of shape {want} for weight "
+                f"{tuple(weight.shape)} and block {block}; got {weight.dtype} and {scale_inv.dtype} "
+                f"{tuple(scale_inv.shape)}")
+        cls.check(tuple(weight.shape), block)
+        self = cls.__new__(cls)
+        QuantizedExpertWeights.__init__(self, tuple(weight.shape), dtype)
+        self.block = block
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("scale_inv", scale_inv.detach())
+        return self
 
     def expert(self, e: int) -> torch.Tensor:
         return dequantize_fp8_blockwise(Fp8BlockWeight(self.weight[e], self.scale_inv[e], self.block), self.compute_dtype)

@@ -378,9 +378,10 @@ def triton_refusals(
     if lora is not None:
         named.update((f, lora[f]) for f in EXPERT_FACTORS)
     reasons = []
-    if holds_quantized(weights) and needs_autograd(*named.values()):
-        reasons.append("the base is held quantized and autograd is needed: the kernels on a quantized base are for "
-                       "inference (their backward is not built); use backend='auto' or 'torch' (dequantizes per expert)")
+    if holds_quantized(weights) and needs_autograd(*named.values()) and torch.compiler.is_compiling():
+        reasons.append("the base is held quantized and autograd is needed under torch.compile: the quantized "
+                       "training path is eager only (its weights are modules, not tensors a custom op takes); "
+                       "use backend='auto' or 'torch'")
     if holds_quantized(weights) and not all(holds_quantized([w]) for w in weights):
         reasons.append("gate_up_proj and down_proj must both be held quantized, or neither")
     if needs_autograd(*named.values()):
@@ -515,8 +516,13 @@ def triton_experts_forward(
         if reasons:
             raise TritonBackendError.from_reasons(reasons)
     if holds_quantized((gate_up_proj, down_proj)):
-        from .triton_quantized import triton_quantized_forward
+        from .triton_quantized import QuantizedBaseTraining, triton_quantized_forward
 
+        if lora is not None and needs_autograd(hidden_states, top_k_weights, *lora.values()):
+            from .triton_train import _FACTORS
+
+            return QuantizedBaseTraining.apply(gate_up_proj, down_proj, hidden_states.contiguous(), top_k_index,
+                                               top_k_weights, *(lora[f] for f in _FACTORS), float(lora.scaling))[0]
         return triton_quantized_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)
     if lora is not None and torch.is_grad_enabled():
         from .triton_train import triton_train_forward

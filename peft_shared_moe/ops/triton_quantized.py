@@ -1,8 +1,8 @@
-"""Triton experts on a quantized base (NF4 or block-wise FP8, `quantized.py`): inference.
+"""Triton experts on a quantized base (NF4 or block-wise FP8, `quantized.py`).
 
-The grouped GEMM of `triton_experts.py` with its weight tiles dequantized in registers from the
-quantized storage, so a whole expert is never materialised in 16 bits. A tile element (k, n) is the
-stored weight's (row n, column k) of the block's expert:
+Inference: the grouped GEMM of `triton_experts.py` with its weight tiles dequantized in registers
+from the quantized storage, so a whole expert is never materialised in 16 bits. A tile element
+(k, n) is the stored weight's (row n, column k) of the block's expert:
 - NF4: the byte at flat index (n * in + k) / 2 of the expert, high nibble for even indices, its
   level times the absmax of block (n * in + k) / block;
 - FP8: the e4m3 byte at (n, k), decoded with integer ops (so the interpreter runs it too), times the
@@ -10,6 +10,11 @@ stored weight's (row n, column k) of the block's expert:
 The value is cast to the activation dtype before the product, as the torch path dequantizes into the
 compute dtype. The LoRA runs as on the bf16 base: shared A once per token, the factors' GEMMs on the
 ordinary kernels (`launch`), shared B_down once per token after the routing-weighted sum.
+
+Training (`QuantizedBaseTraining`): the bf16 training kernels (`triton_train.py`) on one layer's
+weights dequantized into a transient buffer by `_dequantize_kernel` (the same tile decoding), made
+again in the backward and freed after each half. Autograd keeps only the quantized storage, and at
+most one layer's projections exist in 16 bits at a time (docs/DESIGN.md says why not in registers).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_experts import (
     ExpertGemm, _block_pairs, _lora_dot, _tile_of_program, dot_precision, launch, launch_fitting, pack_lora,
 )
+from .triton_train import _train_backward, _train_forward
 
 NF4, FP8 = 1, 2  # SCHEME values
 
@@ -43,6 +49,7 @@ def _dequantized_tile(q_ptr, scale_ptr, levels_ptr, expert, rows, cols, mask, OU
     """(BK, BN) float32 weights of stored rows `rows` (BN,) and columns `cols` (BK,) of `expert`."""
     r = rows[None, :].to(tl.int64)
     c = cols[:, None].to(tl.int64)
+    expert = expert.to(tl.int64)  # E * OUT * IN passes 2^31 on the largest models
     if SCHEME == 1:
         flat = r * IN + c
         byte = tl.load(q_ptr + expert * (OUT * IN // 2) + flat // 2, mask=mask, other=0).to(tl.int32)
@@ -57,6 +64,7 @@ def _dequantized_tile(q_ptr, scale_ptr, levels_ptr, expert, rows, cols, mask, OU
         magnitude = tl.where(exponent == 0, mantissa * 0.015625,  # subnormal: m / 8 * 2^-6
                              (1.0 + mantissa) * tl.exp2((exponent - 7).to(tl.float32)))
         value = tl.where((byte & 128) != 0, -magnitude, magnitude)
+        value = tl.where((byte & 127) == 127, float("nan"), value)  # e4m3fn's only NaN codes, 0x7F / 0xFF
         scale_cols = IN // QBLOCK_K
         scale = tl.load(scale_ptr + expert * (OUT // QBLOCK_N) * scale_cols + (r // QBLOCK_N) * scale_cols
                         + c // QBLOCK_K, mask=mask, other=0.0)
@@ -141,16 +149,75 @@ def _quantized_grouped_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-def _quantized_gemm(x, weight: QuantizedExpertWeights, out, routing, config, precision, *, x_row_div=1, gated=False,
-                    lora_in=None, lora_b=None, lora_b_up=None, lora_row_div=1, scaling=0.0, pair_weights=None) -> None:
-    num_experts, rows, k = weight.shape
-    n = rows // 2 if gated else rows
+@triton.jit
+def _dequantize_kernel(q_ptr, scale_ptr, levels_ptr, out_ptr, OUT, IN, SCHEME: tl.constexpr, QBLOCK: tl.constexpr,
+                       QBLOCK_N: tl.constexpr, QBLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_N, BLOCK_K) tile of one expert's weight, dequantized into out (E, OUT, IN)."""
+    expert = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (cols[:, None] < IN) & (rows[None, :] < OUT)
+    tile = _dequantized_tile(q_ptr, scale_ptr, levels_ptr, expert, rows, cols, mask, OUT, IN,
+                             SCHEME, QBLOCK, QBLOCK_N, QBLOCK_K)  # (BK, BN)
+    out = out_ptr + expert.to(tl.int64) * OUT * IN + rows[None, :].to(tl.int64) * IN + cols[:, None]
+    tl.store(out, tile.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _storage(weight: QuantizedExpertWeights) -> tuple[int, torch.Tensor, torch.Tensor, int, tuple[int, int]]:
+    """(scheme, values, scales, NF4 block, FP8 (block_n, block_k)) as the kernels read them, dense."""
     if isinstance(weight, Nf4ExpertWeights):
         scheme, q, scale, qblock, qblock_nk = NF4, weight.packed, weight.absmax, weight.block, (1, 1)
     elif isinstance(weight, Fp8ExpertWeights):
         scheme, q, scale, qblock, qblock_nk = FP8, weight.weight.view(torch.uint8), weight.scale_inv, 1, weight.block
     else:
         raise TypeError(f"no kernel reads {type(weight).__name__}")
+    return scheme, q.contiguous(), scale.contiguous(), qblock, qblock_nk  # no copy when already dense
+
+
+def dequantized(weight: QuantizedExpertWeights, dtype: torch.dtype) -> torch.Tensor:
+    """The whole (E, out, in) weight in `dtype`, decoded as the GEMM kernels decode a tile: the
+    training path's transient buffer."""
+    scheme, q, scale, qblock, (qblock_n, qblock_k) = _storage(weight)
+    num_experts, rows, cols = weight.shape
+    out = torch.empty(weight.shape, dtype=dtype, device=q.device)
+    grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64), num_experts)
+    _dequantize_kernel[grid](q, scale, _levels(q.device), out, rows, cols, SCHEME=scheme, QBLOCK=qblock,
+                             QBLOCK_N=qblock_n, QBLOCK_K=qblock_k, BLOCK_N=64, BLOCK_K=64)
+    return out
+
+
+class QuantizedBaseTraining(torch.autograd.Function):
+    """`triton_train`'s forward and backward with the base dequantized per call; the context keeps the
+    quantized modules, never a dequantized weight (gradient checkpointing recomputes it like the rest)."""
+
+    @staticmethod
+    def forward(ctx, gate_up: QuantizedExpertWeights, down: QuantizedExpertWeights, x, top_k_index, top_k_weights,
+                *factors_and_scaling):
+        *factors, scaling = factors_and_scaling
+        output = _train_forward(x, top_k_index, top_k_weights, dequantized(gate_up, x.dtype),
+                                dequantized(down, x.dtype), *factors, scaling)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, top_k_weights, *factors, *output[1:])
+        ctx.quantized, ctx.scaling = (gate_up, down), scaling
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, *_kept_grads):
+        x, top_k_weights, *rest = ctx.saved_tensors
+        factors, kept = rest[:6], rest[6:]
+        need_x, need_w = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        dense = [dequantized(w, x.dtype) for w in ctx.quantized]
+        dx, grad_w, *grad_factors = _train_backward(dy, x, top_k_weights, *dense, *factors, *kept, ctx.scaling,
+                                                    need_x, need_w)
+        return (None, None, dx if need_x else None, None, grad_w if need_w else None, *grad_factors, None)
+
+
+def _quantized_gemm(x, weight: QuantizedExpertWeights, out, routing, config, precision, *, x_row_div=1, gated=False,
+                    lora_in=None, lora_b=None, lora_b_up=None, lora_row_div=1, scaling=0.0, pair_weights=None) -> None:
+    num_experts, rows, k = weight.shape
+    n = rows // 2 if gated else rows
+    scheme, q, scale, qblock, qblock_nk = _storage(weight)
     levels = _levels(x.device)
     has_expand = lora_in is not None
     lora_in = lora_in if has_expand else out

@@ -118,14 +118,18 @@ class SharedMoeLoraLayer(BaseTunerLayer):
         return merged
 
     def check_mergeable(self) -> None:
-        """Raise where a merge cannot write the base: one held quantized (it would re-quantize the sum)."""
+        """Raise where a merge cannot write the base: one held quantized (it would re-quantize the sum),
+        ours or another library's (an FP8 / int weight)."""
         base = self.get_base_layer()
-        quantized = [n for n in ("gate_up_proj", "down_proj") if isinstance(getattr(base, n, None), QuantizedExpertWeights)]
+        held = {n: getattr(base, n, None) for n in ("weight", "gate_up_proj", "down_proj")}
+        quantized = {n: w.scheme if isinstance(w, QuantizedExpertWeights) else str(w.dtype) for n, w in held.items()
+                     if isinstance(w, QuantizedExpertWeights)
+                     or (isinstance(w, torch.Tensor) and not (w.is_floating_point() and w.element_size() > 1))}
         if quantized:
             raise ValueError(
-                f"cannot merge into {type(base).__name__}: {quantized} are held quantized "
-                f"({getattr(base, quantized[0]).scheme}), and merging would re-quantize the sum; merge onto the "
-                f"bf16 base instead (the saved adapter loads onto it unchanged), e.g. `peft-shared-moe merge`"
+                f"cannot merge into {type(base).__name__}: {sorted(quantized)} are held quantized "
+                f"({', '.join(sorted(set(quantized.values())))}), and merging would re-quantize the sum; merge onto "
+                f"the bf16 base instead (the saved adapter loads onto it unchanged), e.g. `peft-shared-moe merge`"
             )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
