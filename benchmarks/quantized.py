@@ -6,9 +6,9 @@ Rows `{"scheme": "bf16" | "nf4" | "fp8", "what", "ms" or "tokens_per_s", "peak_g
   quantized layer's output is checked against the torch path before it is timed.
 - `train_step_48l_seq4096`: the full 48-layer shape with random weights, shared-outer LoRA (rank
   `r`, 8 by default) on the experts and attention, AdamW, gradient checkpointing, one sequence of
-  4096 tokens, the loss computed in chunks of the vocabulary projection (the same for every row):
-  tokens/s, the step's `peak_gib`, and `load_peak_gib`, the GPU's peak while building the model.
-  A quantized base is built on the meta device and each experts block is made on the GPU and
+  4096 tokens (the mean of 3 steps after one untimed), the loss computed in chunks of the
+  vocabulary projection (the same for every row): tokens/s, the step's `peak_gib`, and
+  `load_peak_gib`, the GPU's peak while building the model. A quantized base is built on the meta device and each experts block is made on the GPU and
   quantized there (`quantize_experts` on that block), so the bf16 experts never exist whole;
   bf16 is built on the GPU directly. Both train on backend "auto" (the Triton training kernels).
 Run on the GPU:  python benchmarks/quantized.py [--skip-steps] [--schemes nf4 fp8 bf16]
@@ -54,6 +54,38 @@ def decode_rows() -> list[dict]:
     return rows
 
 
+def sweep_decode_tiles(tokens: int = 1) -> list[dict]:
+    """Time the quantized kernels at T = `tokens` over a grid of tiles (one for gate_up and down alike,
+    under a CUDA graph), to choose their entries in the tile configs."""
+    import itertools
+
+    from peft_shared_moe.ops import triton_quantized
+    from peft_shared_moe.ops.kernel_configs import KernelConfig
+
+    experts, lora = make_experts("grouped_mm"), make_lora()
+    x, idx, w = routing(tokens, seed=1)
+    rows = []
+    original = triton_quantized.kernel_config
+    for scheme in ("nf4", "fp8"):
+        weights = tuple(SCHEMES[scheme](p.detach()) for p in (experts.gate_up_proj, experts.down_proj))
+        for block_n, block_k, warps, stages in itertools.product((16, 32, 64, 128), (32, 64, 128), (2, 4), (2, 4)):
+            config = KernelConfig(16, block_n, block_k, warps, stages, 1)
+            triton_quantized.kernel_config = lambda *a, **k: config  # noqa: E731
+            try:
+                with torch.no_grad():
+                    ms = time_ms(captured(lambda: EXPERTS_BACKENDS["triton"](x, idx, w, *weights, F.silu, lora=lora)))
+            except Exception as err:  # a tile that does not fit
+                print(scheme, config, type(err).__name__)
+                continue
+            finally:
+                triton_quantized.kernel_config = original
+            rows.append({"scheme": scheme, "tokens": tokens, "block_n": block_n, "block_k": block_k, "num_warps": warps,
+                         "num_stages": stages, "ms": round(ms, 4)})
+        best = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: r["ms"])[:5]
+        print(scheme, "best:", *best, sep="\n  ", flush=True)
+    return rows
+
+
 def build_quantized_on_gpu(layers: int, scheme: str):
     """The model on the meta device; each experts block made on the GPU in bf16 and quantized at once,
     then the rest of the model allocated and initialised there."""
@@ -96,7 +128,7 @@ def chunked_loss(model, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     return total / labels.shape[0]
 
 
-def step_row(scheme: str, layers: int, seq: int, rank: int) -> dict:
+def step_row(scheme: str, layers: int, seq: int, rank: int, steps: int = 3) -> dict:
     from benchmarks import train_distributed
     from benchmarks.train_distributed import add_adapter, build_on_gpu
 
@@ -122,10 +154,11 @@ def step_row(scheme: str, layers: int, seq: int, rank: int) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    step()
+    for _ in range(steps):
+        step()
     torch.cuda.synchronize()
     row = {"scheme": scheme, "what": f"train_step_{layers}l_seq{seq}", "r": rank,
-           "tokens_per_s": round(seq / (time.perf_counter() - start), 1),
+           "tokens_per_s": round(steps * seq / (time.perf_counter() - start), 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "load_peak_gib": round(load_peak, 2),
            "first_loss": round(loss, 4)}
     del model, optimizer
@@ -141,8 +174,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--schemes", nargs="*", default=["nf4", "fp8", "bf16"])
+    parser.add_argument("--schemes", nargs="*", default=["bf16", "nf4", "fp8"])
+    parser.add_argument("--sweep-decode", type=int, nargs="*", help="sweep the quantized tiles at these T, then stop")
     args = parser.parse_args()
+    if args.sweep_decode:
+        rows = [r for t in args.sweep_decode for r in sweep_decode_tiles(t)]
+        print(write_result("quantized_tiles", rows))
+        return
     rows = [] if args.skip_decode else decode_rows()
     if not args.skip_steps:
         rows += [step_row(s, args.layers, args.seq, args.rank) for s in args.schemes]

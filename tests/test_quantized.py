@@ -182,16 +182,18 @@ def test_merge_onto_a_quantized_base_is_refused_and_changes_nothing(qwen3_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # q_proj included: no layer merged first
 
 
-@pytest.mark.parametrize("scheme,block", [("nf4", 16), ("fp8", (16, 16))])
+@pytest.mark.parametrize("scheme,block", [("nf4", 64), ("fp8", (16, 16)), ("nf4", 32), ("fp8", (16, 8))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["none", "shared", "per_expert"])
 def test_kernels_on_a_quantized_base_equal_the_torch_path(scheme, block, dtype, layout):
-    """The Triton kernels dequantizing tiles in registers (the interpreter on CPU), against the torch
-    path on the same quantized weights, which dequantizes whole experts (float64 reference math)."""
+    """The Triton kernels dequantizing tiles in registers (the interpreter on CPU), against the naive
+    float64 loop on the dequantized weights. NF4 blocks of 64 and FP8 blocks of 16 take the row-scale
+    tiles (one scale per row and K step, NF4 nibbles split in registers); NF4 blocks of 32 (below the
+    least NF4 step) and FP8 blocks 8 wide in K take the per-element decoding."""
     from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors
     from tests.reference import naive_moe_lora
 
-    device, gate_up, down, x, idx, w, factors = quantized_layer(scheme, block, dtype, layout=layout)
+    device, gate_up, down, x, idx, w, factors = quantized_layer(scheme, block, dtype, H=64, I=64, layout=layout)
     want = naive_moe_lora(x, idx, w, gate_up.dequantize().double().cpu(), down.dequantize().double().cpu(), factors, 0.7)
     lora = None if factors is None else ExpertLoraFactors({f: t.float().to(device) for f, t in factors.items()}, 0.7)
     with torch.no_grad():
@@ -268,10 +270,11 @@ def test_auto_runs_the_kernels_on_a_quantized_base_and_refuses_them_under_compil
     from peft_shared_moe.ops import triton_experts
     from peft_shared_moe.ops.triton_experts import triton_refusals
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = quantized_and_reference(qwen3_path, "fp8", (16, 16))
-    experts = next(m for m in model.modules() if describe_experts(m) is not None)
+    experts = next(m for m in model.to(device).modules() if describe_experts(m) is not None)
     weights = (experts.gate_up_proj, experts.down_proj)
-    x = torch.randn(3, 32, requires_grad=True)
+    x = torch.randn(3, 32, device=device, requires_grad=True)
     assert triton_refusals(x, weights) == ["autograd is needed and the kernels' backward trains an adapter, none is "
                                            "given: use backend='auto' or 'torch'"]
     assert triton_refusals(x.detach(), weights) == []
@@ -280,7 +283,8 @@ def test_auto_runs_the_kernels_on_a_quantized_base_and_refuses_them_under_compil
     monkeypatch.undo()
     monkeypatch.setattr(triton_experts, "AUTO_DEVICE_TYPES", ("cuda", "cpu"))
     with torch.no_grad():
-        chosen = resolve_backend("auto", x.detach(), torch.rand(3, 2), describe_experts(experts), None, weights)
+        chosen = resolve_backend("auto", x.detach(), torch.rand(3, 2, device=device), describe_experts(experts), None,
+                                 weights)
     assert chosen.func is EXPERTS_BACKENDS["triton"]
 
 

@@ -1,4 +1,4 @@
-"""Quantized expert weights (issue 11, started): the storage formats and their torch reference.
+"""Quantized expert weights: the storage formats and their torch reference.
 
 Two schemes for a frozen base, both with block scales so a kernel can dequantize one tile at a time:
 
@@ -83,7 +83,9 @@ def quantize_fp8_blockwise(weight: torch.Tensor, block: tuple[int, int] = (128, 
                                 f"({n}, {k}) (shape {tuple(weight.shape)})")
     tiles = weight.detach().float().reshape(*lead, n // block_n, block_n, k // block_k, block_k)
     amax = tiles.abs().amax(dim=(-3, -1))  # (..., N / bn, K / bk)
-    scale_inv = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    # a true division (CUDA turns `tensor / python_scalar` into a product with the reciprocal, which
+    # can differ in the last bit and flip e4m3 codes): the same scales on every device
+    scale_inv = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), 1.0)
     fp8 = (tiles / scale_inv[..., :, None, :, None]).to(torch.float8_e4m3fn).reshape(weight.shape)
     return Fp8BlockWeight(fp8, scale_inv, (block_n, block_k))
 

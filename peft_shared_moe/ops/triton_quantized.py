@@ -30,7 +30,8 @@ from .kernel_configs import kernel_config, shape_key
 from .quantized import NF4_LEVELS, Fp8ExpertWeights, Nf4ExpertWeights, QuantizedExpertWeights
 from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_experts import (
-    ExpertGemm, _block_pairs, _lora_dot, _tile_of_program, dot_precision, launch, launch_fitting, pack_lora,
+    ExpertGemm, _block_pairs, _lora_dot, _tile_of_program, dot_precision, interpreter_active, launch, launch_fitting,
+    pack_lora,
 )
 from .triton_train import _train_backward, _train_forward
 
@@ -41,6 +42,71 @@ NF4, FP8 = 1, 2  # SCHEME values
 def _levels(device: torch.device) -> torch.Tensor:
     """The NF4 levels on `device`, made once: no host-to-device copy per call (CUDA graph capture)."""
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+
+
+@triton.jit
+def _e4m3_value(byte):
+    """float32 value of e4m3fn codes (int32), decoded with integer ops: the interpreter has no fp8."""
+    exponent = (byte >> 3) & 15
+    mantissa = (byte & 7).to(tl.float32) / 8.0
+    magnitude = tl.where(exponent == 0, mantissa * 0.015625,  # subnormal: m / 8 * 2^-6
+                         (1.0 + mantissa) * tl.exp2((exponent - 7).to(tl.float32)))
+    value = tl.where((byte & 128) != 0, -magnitude, magnitude)
+    return tl.where((byte & 127) == 127, float("nan"), value)  # e4m3fn's only NaN codes, 0x7F / 0xFF
+
+
+@triton.jit
+def _nf4_level(index):
+    """The NF4 level of 4-bit indices (int32), selected bit by bit: no table lookup in the inner loop."""
+    b0, b1, b2 = (index & 1) != 0, (index & 2) != 0, (index & 4) != 0
+    low = tl.where(b2, tl.where(b1, tl.where(b0, 0.0, -0.09105003625154495),
+                                tl.where(b0, -0.18477343022823334, -0.28444138169288635)),
+                   tl.where(b1, tl.where(b0, -0.39491748809814453, -0.5250730514526367),
+                            tl.where(b0, -0.6961928009986877, -1.0)))
+    high = tl.where(b2, tl.where(b1, tl.where(b0, 1.0, 0.7229568362236023),
+                                 tl.where(b0, 0.5626170039176941, 0.44070982933044434)),
+                    tl.where(b1, tl.where(b0, 0.33791524171829224, 0.24611230194568634),
+                             tl.where(b0, 0.16093020141124725, 0.07958029955625534)))
+    return tl.where((index & 8) != 0, high, low)
+
+
+@triton.jit
+def _weight_tile(q_ptr, scale_ptr, levels_ptr, expert, rows, k0, n_ok, OUT, IN, SCHEME: tl.constexpr,
+                 QBLOCK: tl.constexpr, QBLOCK_N: tl.constexpr, QBLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ROW_SCALES: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    """(BLOCK_K, BLOCK_N) float32 weights: columns k0.. of stored rows `rows` of `expert`.
+
+    With ROW_SCALES (the K step lies inside one scale block and IN is a multiple of it, so no K mask
+    either) each row's scale is one value per step, loaded as a vector, and NF4 bytes are read once as
+    a (BLOCK_K / 2, BLOCK_N) tile whose two nibbles are interleaved in registers; FP8 is converted by
+    the hardware (NATIVE_FP8, not in the interpreter). Otherwise every element is decoded on its own."""
+    if not ROW_SCALES:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = (cols < IN)[:, None] & n_ok[None, :]
+        return _dequantized_tile(q_ptr, scale_ptr, levels_ptr, expert, rows, cols, mask, OUT, IN,
+                                 SCHEME, QBLOCK, QBLOCK_N, QBLOCK_K)
+    r = rows.to(tl.int64)
+    expert = expert.to(tl.int64)
+    if SCHEME == 1:
+        half = tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(q_ptr + expert * (OUT * IN // 2) + r[None, :] * (IN // 2) + k0 // 2 + half[:, None],
+                       mask=n_ok[None, :], other=0).to(tl.int32)  # (BK / 2, BN): k = k0 + 2i (high), +1 (low)
+        pairs = tl.join(_nf4_level(byte >> 4), _nf4_level(byte & 15))  # (BK / 2, BN, 2)
+        tile = tl.reshape(tl.permute(pairs, (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        absmax = tl.load(scale_ptr + expert * (OUT * IN // QBLOCK) + r * (IN // QBLOCK) + k0 // QBLOCK,
+                         mask=n_ok, other=0.0)
+        return tile * absmax[None, :]
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        ptrs = q_ptr + expert * OUT * IN + r[None, :] * IN + cols[:, None]
+        if NATIVE_FP8:
+            value = tl.load(ptrs, mask=n_ok[None, :], other=0.0).to(tl.float32)
+        else:
+            value = _e4m3_value(tl.load(ptrs, mask=n_ok[None, :], other=0).to(tl.int32))
+        scale_cols = IN // QBLOCK_K
+        scale = tl.load(scale_ptr + expert * (OUT // QBLOCK_N) * scale_cols + (r // QBLOCK_N) * scale_cols
+                        + k0 // QBLOCK_K, mask=n_ok, other=0.0)
+        return value * scale[None, :]
 
 
 @triton.jit
@@ -58,13 +124,7 @@ def _dequantized_tile(q_ptr, scale_ptr, levels_ptr, expert, rows, cols, mask, OU
         absmax = tl.load(scale_ptr + expert * (OUT * IN // QBLOCK) + flat // QBLOCK, mask=mask, other=0.0)
         return level * absmax
     else:
-        byte = tl.load(q_ptr + expert * OUT * IN + r * IN + c, mask=mask, other=0).to(tl.int32)
-        exponent = (byte >> 3) & 15
-        mantissa = (byte & 7).to(tl.float32) / 8.0
-        magnitude = tl.where(exponent == 0, mantissa * 0.015625,  # subnormal: m / 8 * 2^-6
-                             (1.0 + mantissa) * tl.exp2((exponent - 7).to(tl.float32)))
-        value = tl.where((byte & 128) != 0, -magnitude, magnitude)
-        value = tl.where((byte & 127) == 127, float("nan"), value)  # e4m3fn's only NaN codes, 0x7F / 0xFF
+        value = _e4m3_value(tl.load(q_ptr + expert * OUT * IN + r * IN + c, mask=mask, other=0).to(tl.int32))
         scale_cols = IN // QBLOCK_K
         scale = tl.load(scale_ptr + expert * (OUT // QBLOCK_N) * scale_cols + (r // QBLOCK_N) * scale_cols
                         + c // QBLOCK_K, mask=mask, other=0.0)
@@ -97,6 +157,8 @@ def _quantized_grouped_gemm_kernel(
     QBLOCK: tl.constexpr,
     QBLOCK_N: tl.constexpr,
     QBLOCK_K: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
+    NATIVE_FP8: tl.constexpr,
     X_ROW_DIV: tl.constexpr,
     LORA_ROW_DIV: tl.constexpr,
     GATED: tl.constexpr,
@@ -120,16 +182,13 @@ def _quantized_grouped_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + offs_k
-        k_ok = cols < K
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        mask = k_ok[:, None] & n_ok[None, :]
-        b = _dequantized_tile(q_ptr, scale_ptr, levels_ptr, expert, offs_n, cols, mask, OUT, K,
-                              SCHEME, QBLOCK, QBLOCK_N, QBLOCK_K)
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        b = _weight_tile(q_ptr, scale_ptr, levels_ptr, expert, offs_n, k0, n_ok, OUT, K, SCHEME, QBLOCK, QBLOCK_N,
+                         QBLOCK_K, BLOCK_N, BLOCK_K, ROW_SCALES, NATIVE_FP8)
         acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION)
         if GATED:
-            b_up = _dequantized_tile(q_ptr, scale_ptr, levels_ptr, expert, offs_n + N, cols, mask, OUT, K,
-                                     SCHEME, QBLOCK, QBLOCK_N, QBLOCK_K)
+            b_up = _weight_tile(q_ptr, scale_ptr, levels_ptr, expert, offs_n + N, k0, n_ok, OUT, K, SCHEME, QBLOCK,
+                                QBLOCK_N, QBLOCK_K, BLOCK_N, BLOCK_K, ROW_SCALES, NATIVE_FP8)
             acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
     if HAS_EXPAND:
@@ -218,6 +277,12 @@ def _quantized_gemm(x, weight: QuantizedExpertWeights, out, routing, config, pre
     num_experts, rows, k = weight.shape
     n = rows // 2 if gated else rows
     scheme, q, scale, qblock, qblock_nk = _storage(weight)
+    # FP8 steps go down to tl.dot's least K (16). NF4 steps stay >= 64: on triton 3.6 / H200 a 16-bit
+    # dot on the interleaved nibble tile of a 16-wide step came out wrong, while float32 was right.
+    block_k, row_scales = _k_step(config.block_k, k, *((qblock, 64) if scheme == NF4 else (qblock_nk[1], 16)))
+    native_fp8 = scheme == FP8 and row_scales and not interpreter_active()  # the per-element decoding reads bytes
+    if native_fp8:
+        q = q.view(torch.float8_e4m3fn)  # converted by the hardware
     levels = _levels(x.device)
     has_expand = lora_in is not None
     lora_in = lora_in if has_expand else out
@@ -227,17 +292,29 @@ def _quantized_gemm(x, weight: QuantizedExpertWeights, out, routing, config, pre
     block_r = max(16, triton.next_power_of_2(max(rank, 1)))
     grid = (routing.max_blocks * triton.cdiv(n, config.block_n),)
     launch_fitting(
-        _quantized_grouped_gemm_kernel, grid, (scheme, gated, has_expand, block_r, config, precision),
+        _quantized_grouped_gemm_kernel, grid, (scheme, gated, has_expand, block_r, config, block_k, precision),
         config.num_stages,
         x, q, scale, levels, out, lora_in, lora_b, lora_b_up, pair_weights if pair_weights is not None else out,
         routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
         n, k, rows, rank, routing.num_pairs, float(scaling),
         x.stride(0), out.stride(0), lora_in.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
-        SCHEME=scheme, QBLOCK=qblock, QBLOCK_N=qblock_nk[0], QBLOCK_K=qblock_nk[1], X_ROW_DIV=x_row_div,
+        SCHEME=scheme, QBLOCK=qblock, QBLOCK_N=qblock_nk[0], QBLOCK_K=qblock_nk[1], ROW_SCALES=row_scales,
+        NATIVE_FP8=native_fp8, X_ROW_DIV=x_row_div,
         LORA_ROW_DIV=lora_row_div, GATED=gated, HAS_EXPAND=has_expand, MUL_WEIGHT=pair_weights is not None,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCK_R=block_r,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         GROUP_M=config.group_m, DOT_PRECISION=precision, num_warps=config.num_warps,
     )
+
+
+def _k_step(block_k: int, k: int, scale_block: int, least: int) -> tuple[int, bool]:
+    """The K step and whether each row's scale is one value per step (`_weight_tile`'s ROW_SCALES): the
+    tuned step (at least `least`), halved down to `least` until it lies inside one scale block."""
+    step = max(block_k, least)
+    while step > least and scale_block % step:
+        step //= 2
+    if scale_block % step or k % scale_block:
+        return block_k, False
+    return step, True
 
 
 def triton_quantized_forward(
