@@ -54,7 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantize", choices=["nf4", "fp8"], help="hold the experts' base weights in 4-bit NF4 or FP8")
     p.add_argument("--quant-block", type=int, default=None,
-                   help="NF4 values per scale (default 64), or the FP8 block side (default 128; 32 for the tiny model)")
+                   help="NF4 values per scale (default 64), or the FP8 block side (default: the largest of "
+                        "128, 64, 32, ... dividing the expert weights)")
     return p.parse_args()
 
 
@@ -161,12 +162,18 @@ def training_arguments(
 
 
 def load_base(path: str, quantize: str | None = None, block: int | None = None, **kwargs) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+    """The base model; with `quantize`, its experts are quantized while the checkpoint loads."""
     if quantize:
-        from peft_shared_moe import quantize_experts
+        from transformers import AutoConfig
 
-        quantize_experts(model, quantize, block if quantize == "nf4" or block is None else (block, block))
-    return model
+        from peft_shared_moe import ExpertsQuantizationConfig
+
+        if quantize == "fp8" and block is None:  # the largest square block dividing every expert weight
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+            dims = (config.hidden_size, config.moe_intermediate_size)
+            block = next(b for b in (128, 64, 32, 16, 8) if all(d % b == 0 for d in dims))
+        kwargs["quantization_config"] = ExpertsQuantizationConfig(quantize, block)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
 
 
 def main() -> int:

@@ -14,6 +14,7 @@ from .tuners.native_loading import install_native_load_check
 from .formats import export_adapter, import_adapter, inspect_adapter, shard_adapter
 from .ops.quantized import QuantizationError
 from .quantize import quantize_experts
+from .quantized_loading import ExpertsQuantizationConfig
 
 
 def _register_with_peft() -> None:
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExpertsLoraLayer",
+    "ExpertsQuantizationConfig",
     "LinearLoraLayer",
     "PEFT_TYPE",
     "QuantizationError",

@@ -110,25 +110,10 @@ def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = No
         raise QuantizationError(f"{type(model).__name__} has no fused experts block to quantize")
     kwargs = {} if block is None else {"block": block}
     problems = [p for name, m in adopted for p in _fine_grained_fp8_problems(name, m)]
-    for name, experts in blocks:
-        layout = describe_experts(experts)
-        if layout.transposed or layout.interleaved or layout.has_bias:
-            problems.append(f"{name}: {layout} storage is not supported quantized; [gate; up] (E, 2I, H) and "
-                            f"(E, H, I) weights without biases are")
-            continue
-        for p in PROJECTIONS:
-            weight = getattr(experts, p)
-            found = _storage_problems(f"{name}.{p}", weight)
-            if not found:
-                try:
-                    SCHEMES[scheme].check(tuple(weight.shape), **kwargs)
-                except QuantizationError as err:
-                    found = [f"{name}.{p}: {err}"]
-            problems += found
+    problems += block_problems(blocks, scheme, kwargs)
     if problems:  # every check first, so a refusal changes nothing
         raise QuantizationError("; ".join(problems))
 
-    register_transformers_experts_implementation()
     dtype = _compute_dtype(model)
     for name, experts in adopted:
         for p in PROJECTIONS:
@@ -145,12 +130,7 @@ def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = No
             del target
             delattr(experts, p)  # the bf16 parameter goes before the next block is quantized
             setattr(experts, p, quantized)
-    for _, experts in adopted + blocks:
-        config = getattr(experts, "config", None)
-        if config is not None and hasattr(config, "_experts_implementation"):
-            config._experts_implementation = IMPLEMENTATION_NAME
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(IMPLEMENTATION_NAME)
+    route_through_library(model, [m for _, m in adopted + blocks])
     from transformers import PreTrainedModel
 
     for module in model.modules():
@@ -159,3 +139,36 @@ def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = No
     if device is not None:
         model.to(device)
     return model
+
+
+def block_problems(blocks: list[tuple[str, nn.Module]], scheme: str, kwargs: dict, check_storage: bool = True) -> list[str]:
+    """Why each experts block cannot be held in `scheme` (layout, storage, block sizes); [] if all can.
+    `check_storage=False` for a model still on the meta device (quantized while it loads)."""
+    problems = []
+    for name, experts in blocks:
+        layout = describe_experts(experts)
+        if layout.transposed or layout.interleaved or layout.has_bias:
+            problems.append(f"{name}: {layout} storage is not supported quantized; [gate; up] (E, 2I, H) and "
+                            f"(E, H, I) weights without biases are")
+            continue
+        for p in PROJECTIONS:
+            weight = getattr(experts, p)
+            found = _storage_problems(f"{name}.{p}", weight) if check_storage else []
+            if not found:
+                try:
+                    SCHEMES[scheme].check(tuple(weight.shape), **kwargs)
+                except QuantizationError as err:
+                    found = [f"{name}.{p}: {err}"]
+            problems += found
+    return problems
+
+
+def route_through_library(model: nn.Module, blocks: list[nn.Module]) -> None:
+    """Point the quantized blocks at this library's experts implementation (the only one that reads them)."""
+    register_transformers_experts_implementation()
+    for experts in blocks:
+        config = getattr(experts, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = IMPLEMENTATION_NAME
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(IMPLEMENTATION_NAME)

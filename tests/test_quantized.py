@@ -637,3 +637,54 @@ def test_a_fine_grained_fp8_load_is_adopted_and_each_block_computes_on_its_store
             got = block(x.to("cuda", torch.bfloat16), idx.cuda(), w.to("cuda", torch.bfloat16))
         want = naive_moe_lora(x, idx, w, weights["gate_up_proj"], weights["down_proj"], None, 0.0)
         assert rel(got.float().cpu(), want) < 1e-2
+
+
+# ---- quantized while transformers loads the checkpoint (quantized_loading.py) ----------------------
+
+@pytest.mark.parametrize("scheme,block", [("nf4", 16), ("fp8", (16, 16))])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(qwen3_path, tmp_path, scheme, block):
+    """from_pretrained(..., quantization_config=ExpertsQuantizationConfig) holds the same quantized
+    values as quantize_experts on the plainly loaded model, loads every other weight unchanged with
+    a clean report, gives the same logits, and trains an adapter; its save_pretrained refuses."""
+    from peft import get_peft_model
+
+    from peft_shared_moe import ExpertsQuantizationConfig, SharedMoeLoraConfig, quantize_experts
+    from peft_shared_moe.ops import describe_experts
+    from tests.conftest import input_ids, load
+
+    model, info = load(qwen3_path, dtype=torch.float32, quantization_config=ExpertsQuantizationConfig(scheme, block),
+                       output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    plain = quantize_experts(load(qwen3_path, dtype=torch.float32), scheme, block)
+    got, want = model.state_dict(), plain.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    blocks = [m for m in model.modules() if describe_experts(m) is not None]
+    assert blocks and all(type(b.gate_up_proj).__name__.lower().startswith(scheme) for b in blocks)
+    ids = input_ids()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    with pytest.raises(Exception):
+        model.save_pretrained(tmp_path / "base")
+    assert not (tmp_path / "base" / "model.safetensors").exists()
+    peft_model = get_peft_model(model, SharedMoeLoraConfig(r=4, init_lora_weights=False))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "experts" in n and p.requires_grad)
+
+
+def test_quantizing_while_loading_refuses_a_block_that_does_not_divide_before_reading(qwen3_path, monkeypatch):
+    from transformers import modeling_utils
+
+    from peft_shared_moe import ExpertsQuantizationConfig, QuantizationError
+    from tests.conftest import load
+
+    opened = []
+    real_open = modeling_utils.safe_open
+    monkeypatch.setattr(modeling_utils, "safe_open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    load(qwen3_path)
+    assert opened  # the hook sees the checkpoint being read
+    opened.clear()
+    with pytest.raises(QuantizationError, match=r"experts\.gate_up_proj: NF4 block size 48 must be even and divide"):
+        load(qwen3_path, quantization_config=ExpertsQuantizationConfig("nf4", 48))
+    assert opened == []  # refused before a tensor was read
+    with pytest.raises(QuantizationError, match=r"scheme 'int4' is not supported"):
+        ExpertsQuantizationConfig("int4")
