@@ -169,9 +169,11 @@ def load_base(path: str, quantize: str | None = None, block: int | None = None, 
         from peft_shared_moe import ExpertsQuantizationConfig
 
         if quantize == "fp8" and block is None:  # the largest square block dividing every expert weight
-            config = AutoConfig.from_pretrained(path, local_files_only=True)
-            dims = (config.hidden_size, config.moe_intermediate_size)
-            block = next(b for b in (128, 64, 32, 16, 8) if all(d % b == 0 for d in dims))
+            config = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
+            dims = (config.hidden_size, getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
+            block = next((b for b in (128, 64, 32, 16, 8) if all(d % b == 0 for d in dims)), None)
+            if block is None:
+                raise SystemExit(f"no FP8 block of 128, 64, ... 8 divides the expert sizes {dims}; pass --quant-block")
         kwargs["quantization_config"] = ExpertsQuantizationConfig(quantize, block)
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
 

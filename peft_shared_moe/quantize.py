@@ -37,6 +37,11 @@ def _fine_grained_fp8_problems(name: str, module: nn.Module) -> list[str]:
         if scale is None or scale.dtype != torch.float32:
             problems.append(f"{name}.{p}_scale_inv is {getattr(scale, 'dtype', None)}, not float32 (UE8M0 and FP4 "
                             f"checkpoints are not supported)")
+        elif getattr(module, "block_size", None) is not None:
+            try:
+                Fp8ExpertWeights.from_stored(getattr(module, p), scale, tuple(module.block_size), torch.float32)
+            except QuantizationError as err:
+                problems.append(f"{name}.{p}: {err}")
     return problems
 
 
@@ -103,6 +108,9 @@ def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = No
     if adopted and scheme != "fp8":
         raise QuantizationError(f"{adopted[0][0]} holds FineGrainedFP8 experts; they can be adopted as 'fp8' only "
                                 f"(re-quantizing FP8 values to {scheme!r} would compound two roundings)")
+    if adopted and block is not None:
+        raise QuantizationError(f"{adopted[0][0]} holds FineGrainedFP8 experts, adopted with their stored block "
+                                f"{tuple(adopted[0][1].block_size)}; pass no block")
     adopted_ids = {id(m) for _, m in adopted}
     blocks = [(name, m) for name, m in model.named_modules()
               if id(m) not in adopted_ids and describe_experts(m) is not None]
@@ -131,11 +139,6 @@ def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = No
             delattr(experts, p)  # the bf16 parameter goes before the next block is quantized
             setattr(experts, p, quantized)
     route_through_library(model, [m for _, m in adopted + blocks])
-    from transformers import PreTrainedModel
-
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            module.save_pretrained = module.push_to_hub = _RefusedSave(type(module).__name__)
     if device is not None:
         model.to(device)
     return model
@@ -164,7 +167,10 @@ def block_problems(blocks: list[tuple[str, nn.Module]], scheme: str, kwargs: dic
 
 
 def route_through_library(model: nn.Module, blocks: list[nn.Module]) -> None:
-    """Point the quantized blocks at this library's experts implementation (the only one that reads them)."""
+    """Point the quantized blocks at this library's experts implementation (the only one that reads them),
+    and make the model's own `save_pretrained` refuse (`_RefusedSave`)."""
+    from transformers import PreTrainedModel
+
     register_transformers_experts_implementation()
     for experts in blocks:
         config = getattr(experts, "config", None)
@@ -172,3 +178,6 @@ def route_through_library(model: nn.Module, blocks: list[nn.Module]) -> None:
             config._experts_implementation = IMPLEMENTATION_NAME
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(IMPLEMENTATION_NAME)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.save_pretrained = module.push_to_hub = _RefusedSave(type(module).__name__)

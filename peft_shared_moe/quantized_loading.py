@@ -42,6 +42,13 @@ class ExpertsQuantizationConfig(QuantizationConfigMixin):
         self.quant_method = METHOD
         self.scheme = scheme
         self.block = list(block) if isinstance(block, (tuple, list)) else block  # JSON-friendly in config.json
+        if block is None:
+            return
+        given = self.block_kwargs()["block"]  # checked now; whether it divides the weights, once the model is known
+        if scheme == "fp8":
+            Fp8ExpertWeights.block_pair(given)
+        elif not isinstance(given, int) or isinstance(given, bool) or given <= 0 or given % 2:
+            raise QuantizationError(f"NF4 block size must be a positive even int (values per absmax), got {given!r}")
 
     def block_kwargs(self) -> dict:
         if self.block is None:

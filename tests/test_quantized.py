@@ -182,24 +182,34 @@ def test_merge_onto_a_quantized_base_is_refused_and_changes_nothing(qwen3_path):
     assert all(torch.equal(before[k], after[k]) for k in before)  # q_proj included: no layer merged first
 
 
-@pytest.mark.parametrize("scheme,block", [("nf4", 64), ("fp8", (16, 16)), ("nf4", 32), ("fp8", (16, 8))])
+@pytest.mark.parametrize("scheme,block,inter,row_scales", [
+    ("nf4", 64, 64, (True, True)), ("fp8", (16, 16), 64, (True, True)),  # one scale per row and K step
+    ("nf4", 32, 64, (False, False)), ("fp8", (16, 8), 64, (False, False)),  # every element decoded
+    ("nf4", 64, 80, (True, False)), ("fp8", (16, 16), 80, (True, True)),  # N tiles masked (I = 80)
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["none", "shared", "per_expert"])
-def test_kernels_on_a_quantized_base_equal_the_torch_path(scheme, block, dtype, layout):
+def test_kernels_on_a_quantized_base_equal_the_torch_path(scheme, block, inter, row_scales, dtype, layout, monkeypatch):
     """The Triton kernels dequantizing tiles in registers (the interpreter on CPU), against the naive
-    float64 loop on the dequantized weights. NF4 blocks of 64 and FP8 blocks of 16 take the row-scale
-    tiles (one scale per row and K step, NF4 nibbles split in registers); NF4 blocks of 32 (below the
-    least NF4 step) and FP8 blocks 8 wide in K take the per-element decoding."""
-    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors
+    float64 loop on the dequantized weights, with the tile path each launch took: NF4 blocks of 64 and
+    FP8 blocks of 16 take the row-scale tiles (NF4 nibbles split in registers); NF4 blocks of 32
+    (below the least NF4 step), FP8 blocks 8 wide in K and NF4 rows of 80 (not a multiple of the
+    block) decode every element."""
+    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors, triton_quantized
     from tests.reference import naive_moe_lora
 
-    device, gate_up, down, x, idx, w, factors = quantized_layer(scheme, block, dtype, H=64, I=64, layout=layout)
+    launched = []
+    real_launch = triton_quantized.launch_fitting
+    monkeypatch.setattr(triton_quantized, "launch_fitting",
+                        lambda *a, **meta: launched.append(meta["ROW_SCALES"]) or real_launch(*a, **meta))
+    device, gate_up, down, x, idx, w, factors = quantized_layer(scheme, block, dtype, H=64, I=inter, layout=layout)
     want = naive_moe_lora(x, idx, w, gate_up.dequantize().double().cpu(), down.dequantize().double().cpu(), factors, 0.7)
     lora = None if factors is None else ExpertLoraFactors({f: t.float().to(device) for f, t in factors.items()}, 0.7)
     with torch.no_grad():
         got = EXPERTS_BACKENDS["triton"](x.to(device, dtype), idx.to(device), w.to(device, dtype), gate_up, down, None,
                                          lora=lora)
     assert rel(got.cpu(), want) < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert tuple(launched) == row_scales  # (gate_up, down)
 
 
 def quantized_layer(scheme, block, dtype=torch.float32, seed=7, E=5, H=32, I=48, T=13, k=2, r=4, layout="shared"):
@@ -580,12 +590,19 @@ def test_fine_grained_fp8_variants_it_cannot_read_are_refused_changing_nothing(q
     from peft_shared_moe import QuantizationError, quantize_experts
 
     model, _ = fine_grained_fp8_model(qwen3_path)
-    first = next(m for m in model.modules() if hasattr(m, "gate_up_proj_scale_inv"))
-    first.activation_scheme = "static"
-    first.down_proj_scale_inv.data = first.down_proj_scale_inv.data.to(torch.bfloat16)
+    blocks = [m for m in model.modules() if hasattr(m, "gate_up_proj_scale_inv")]
+    blocks[0].activation_scheme = "static"
+    blocks[0].down_proj_scale_inv.data = blocks[0].down_proj_scale_inv.data.to(torch.bfloat16)
+    # the last block's down_proj scales sized for a block that does not divide I = 16 (transformers
+    # allocates ceil-sized scales): found before the first block is adopted
+    blocks[-1].block_size = (16, 32)
+    blocks[-1].down_proj_scale_inv.data = blocks[-1].down_proj_scale_inv.data[:, :, :1].contiguous()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(QuantizationError, match=r"activation_scheme='static'.*down_proj_scale_inv is torch.bfloat16"):
+    with pytest.raises(QuantizationError, match=r"activation_scheme='static'.*down_proj_scale_inv is torch.bfloat16"
+                                                 r".*layers\.\d\.mlp\.experts\.down_proj: FP8 block \(16, 32\) must divide"):
         quantize_experts(model, "fp8")
+    with pytest.raises(QuantizationError, match=r"adopted with their stored block \(16, 16\); pass no block"):
+        quantize_experts(model, "fp8", 16)
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -648,7 +665,7 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(qwen3_path,
     a clean report, gives the same logits, and trains an adapter; its save_pretrained refuses."""
     from peft import get_peft_model
 
-    from peft_shared_moe import ExpertsQuantizationConfig, SharedMoeLoraConfig, quantize_experts
+    from peft_shared_moe import ExpertsQuantizationConfig, QuantizationError, SharedMoeLoraConfig, quantize_experts
     from peft_shared_moe.ops import describe_experts
     from tests.conftest import input_ids, load
 
@@ -663,9 +680,9 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(qwen3_path,
     ids = input_ids()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
-    with pytest.raises(Exception):
+    with pytest.raises(QuantizationError, match="held quantized by peft_shared_moe.*save the adapter instead"):
         model.save_pretrained(tmp_path / "base")
-    assert not (tmp_path / "base" / "model.safetensors").exists()
+    assert not (tmp_path / "base").exists()
     peft_model = get_peft_model(model, SharedMoeLoraConfig(r=4, init_lora_weights=False))
     peft_model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if "experts" in n and p.requires_grad)
@@ -688,3 +705,27 @@ def test_quantizing_while_loading_refuses_a_block_that_does_not_divide_before_re
     assert opened == []  # refused before a tensor was read
     with pytest.raises(QuantizationError, match=r"scheme 'int4' is not supported"):
         ExpertsQuantizationConfig("int4")
+    for bad in ((16, 16), 16.0, 15, True):
+        with pytest.raises(QuantizationError, match="NF4 block size must be a positive even int"):
+            ExpertsQuantizationConfig("nf4", bad)
+    with pytest.raises(QuantizationError, match="FP8 block must be a positive int or a"):
+        ExpertsQuantizationConfig("fp8", (16, "x"))
+
+
+def test_the_quantized_kernels_launch_on_the_layers_device(monkeypatch):
+    """A device_map may put layers on several GPUs: inference and both training halves enter the
+    device guard with the hidden states (on the CPU the guard is a no-op; the call is what is checked)."""
+    import contextlib
+
+    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors, triton_quantized
+
+    entered = []
+    monkeypatch.setattr(triton_quantized, "_device_guard", lambda t: entered.append(t.device) or contextlib.nullcontext())
+    device, gate_up, down, x, idx, w, factors = quantized_layer("nf4", 16)
+    lora = ExpertLoraFactors({f: t.float().to(device).requires_grad_() for f, t in factors.items()}, 0.5)
+    with torch.no_grad():
+        EXPERTS_BACKENDS["triton"](x.to(device), idx.to(device), w.to(device), gate_up, down, None, lora=lora)
+    assert entered == [torch.device(device)]
+    y = EXPERTS_BACKENDS["triton"](x.to(device), idx.to(device), w.to(device), gate_up, down, None, lora=lora)
+    y.sum().backward()
+    assert entered == [torch.device(device)] * 3

@@ -189,6 +189,8 @@ class Nf4ExpertWeights(QuantizedExpertWeights):
     @staticmethod
     def check(shape: tuple[int, ...], block: int = 64) -> None:
         per_expert = shape[1] * shape[2]
+        if not isinstance(block, int) or isinstance(block, bool):
+            raise QuantizationError(f"NF4 block size must be an int (values per absmax), got {block!r}")
         if block <= 0 or block % 2 or per_expert % block:  # blocks may not straddle experts
             raise QuantizationError(f"NF4 block size {block} must be even and divide one expert's {per_expert} "
                                     f"values (weight {tuple(shape)})")
@@ -244,6 +246,7 @@ class Fp8ExpertWeights(QuantizedExpertWeights):
         """Adopt FP8 values and scales already in this layout (a FineGrainedFP8 checkpoint's), as they are:
         no copy, no re-quantization."""
         block = cls.block_pair(block)
+        cls.check(tuple(weight.shape), block)
         num_experts, n, k = weight.shape
         want = (num_experts, n // block[0], k // block[1])
         if weight.dtype != torch.float8_e4m3fn or scale_inv.dtype != torch.float32 or tuple(scale_inv.shape) != want:
@@ -251,7 +254,6 @@ class Fp8ExpertWeights(QuantizedExpertWeights):
                 f"FP8 experts need float8_e4m3fn weights and float32 scale_inv of shape {want} for weight "
                 f"{tuple(weight.shape)} and block {block}; got {weight.dtype} and {scale_inv.dtype} "
                 f"{tuple(scale_inv.shape)}")
-        cls.check(tuple(weight.shape), block)
         self = cls.__new__(cls)
         QuantizedExpertWeights.__init__(self, tuple(weight.shape), dtype)
         self.block = block

@@ -33,7 +33,7 @@ from .triton_experts import (
     ExpertGemm, _block_pairs, _lora_dot, _tile_of_program, dot_precision, interpreter_active, launch, launch_fitting,
     pack_lora,
 )
-from .triton_train import _train_backward, _train_forward
+from .triton_train import _device_guard, _train_backward, _train_forward
 
 NF4, FP8 = 1, 2  # SCHEME values
 
@@ -253,8 +253,9 @@ class QuantizedBaseTraining(torch.autograd.Function):
     def forward(ctx, gate_up: QuantizedExpertWeights, down: QuantizedExpertWeights, x, top_k_index, top_k_weights,
                 *factors_and_scaling):
         *factors, scaling = factors_and_scaling
-        output = _train_forward(x, top_k_index, top_k_weights, dequantized(gate_up, x.dtype),
-                                dequantized(down, x.dtype), *factors, scaling)
+        with _device_guard(x):  # launch on the layer's device (a device_map may spread the layers)
+            output = _train_forward(x, top_k_index, top_k_weights, dequantized(gate_up, x.dtype),
+                                    dequantized(down, x.dtype), *factors, scaling)
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, top_k_weights, *factors, *output[1:])
@@ -266,9 +267,10 @@ class QuantizedBaseTraining(torch.autograd.Function):
         x, top_k_weights, *rest = ctx.saved_tensors
         factors, kept = rest[:6], rest[6:]
         need_x, need_w = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
-        dense = [dequantized(w, x.dtype) for w in ctx.quantized]
-        dx, grad_w, *grad_factors = _train_backward(dy, x, top_k_weights, *dense, *factors, *kept, ctx.scaling,
-                                                    need_x, need_w)
+        with _device_guard(x):
+            dense = [dequantized(w, x.dtype) for w in ctx.quantized]
+            dx, grad_w, *grad_factors = _train_backward(dy, x, top_k_weights, *dense, *factors, *kept, ctx.scaling,
+                                                        need_x, need_w)
         return (None, None, dx if need_x else None, None, grad_w if need_w else None, *grad_factors, None)
 
 
@@ -326,6 +328,11 @@ def triton_quantized_forward(
     lora: ExpertLoraFactors | None = None,
 ) -> torch.Tensor:
     """`triton_experts_forward` on a quantized base (inference; the caller has checked the refusals)."""
+    with _device_guard(hidden_states):  # launch on the layer's device (a device_map may spread the layers)
+        return _quantized_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)
+
+
+def _quantized_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora):
     num_tokens, top_k = top_k_index.shape
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
