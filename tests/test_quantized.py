@@ -658,8 +658,8 @@ def test_a_fine_grained_fp8_load_is_adopted_and_each_block_computes_on_its_store
 
 # ---- quantized while transformers loads the checkpoint (quantized_loading.py) ----------------------
 
-@pytest.mark.parametrize("scheme,block", [("nf4", 16), ("fp8", (16, 16))])
-def test_quantizing_while_loading_equals_quantizing_the_loaded_model(qwen3_path, tmp_path, scheme, block):
+@pytest.mark.parametrize("scheme,block,arch", [("nf4", 16, "qwen3"), ("fp8", (16, 16), "qwen3"), ("nf4", 16, "mixtral")])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(request, tmp_path, scheme, block, arch):
     """from_pretrained(..., quantization_config=ExpertsQuantizationConfig) holds the same quantized
     values as quantize_experts on the plainly loaded model, loads every other weight unchanged with
     a clean report, gives the same logits, and trains an adapter; its save_pretrained refuses."""
@@ -669,10 +669,11 @@ def test_quantizing_while_loading_equals_quantizing_the_loaded_model(qwen3_path,
     from peft_shared_moe.ops import describe_experts
     from tests.conftest import input_ids, load
 
-    model, info = load(qwen3_path, dtype=torch.float32, quantization_config=ExpertsQuantizationConfig(scheme, block),
+    path = request.getfixturevalue(f"{arch}_path")  # each architecture's own checkpoint conversion
+    model, info = load(path, dtype=torch.float32, quantization_config=ExpertsQuantizationConfig(scheme, block),
                        output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    plain = quantize_experts(load(qwen3_path, dtype=torch.float32), scheme, block)
+    plain = quantize_experts(load(path, dtype=torch.float32), scheme, block)
     got, want = model.state_dict(), plain.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     blocks = [m for m in model.modules() if describe_experts(m) is not None]
@@ -723,9 +724,9 @@ def test_the_quantized_kernels_launch_on_the_layers_device(monkeypatch):
     monkeypatch.setattr(triton_quantized, "_device_guard", lambda t: entered.append(t.device) or contextlib.nullcontext())
     device, gate_up, down, x, idx, w, factors = quantized_layer("nf4", 16)
     lora = ExpertLoraFactors({f: t.float().to(device).requires_grad_() for f, t in factors.items()}, 0.5)
+    x, idx, w = x.to(device), idx.to(device), w.to(device)
     with torch.no_grad():
-        EXPERTS_BACKENDS["triton"](x.to(device), idx.to(device), w.to(device), gate_up, down, None, lora=lora)
-    assert entered == [torch.device(device)]
-    y = EXPERTS_BACKENDS["triton"](x.to(device), idx.to(device), w.to(device), gate_up, down, None, lora=lora)
-    y.sum().backward()
-    assert entered == [torch.device(device)] * 3
+        EXPERTS_BACKENDS["triton"](x, idx, w, gate_up, down, None, lora=lora)
+    assert entered == [x.device]
+    EXPERTS_BACKENDS["triton"](x, idx, w, gate_up, down, None, lora=lora).sum().backward()
+    assert entered == [x.device] * 3
