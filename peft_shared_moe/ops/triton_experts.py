@@ -378,10 +378,10 @@ def triton_refusals(
     if lora is not None:
         named.update((f, lora[f]) for f in EXPERT_FACTORS)
     reasons = []
-    if holds_quantized(weights) and needs_autograd(*named.values()) and torch.compiler.is_compiling():
-        reasons.append("the base is held quantized and autograd is needed under torch.compile: the quantized "
-                       "training path is eager only (its weights are modules, not tensors a custom op takes); "
-                       "use backend='auto' or 'torch'")
+    if holds_quantized(weights) and torch.compiler.is_compiling():
+        reasons.append("the base is held quantized and this runs under torch.compile: the quantized kernels are "
+                       "eager only (their weights are modules, not tensors a custom op takes); use backend='auto' "
+                       "or 'torch'")
     if holds_quantized(weights) and not all(holds_quantized([w]) for w in weights):
         reasons.append("gate_up_proj and down_proj must both be held quantized, or neither")
     if needs_autograd(*named.values()):
