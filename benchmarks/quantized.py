@@ -59,18 +59,18 @@ def sweep_decode_tiles(tokens: int = 1) -> list[dict]:
     under a CUDA graph), to choose their entries in the tile configs."""
     import itertools
 
-    from peft_shared_moe.ops import triton_quantized
+    from peft_shared_moe.ops import triton_experts
     from peft_shared_moe.ops.kernel_configs import KernelConfig
 
     experts, lora = make_experts("grouped_mm"), make_lora()
     x, idx, w = routing(tokens, seed=1)
     rows = []
-    original = triton_quantized.kernel_config
+    original = triton_experts.kernel_config
     for scheme in ("nf4", "fp8"):
         weights = tuple(SCHEMES[scheme](p.detach()) for p in (experts.gate_up_proj, experts.down_proj))
         for block_n, block_k, warps, stages in itertools.product((16, 32, 64, 128), (32, 64, 128), (2, 4), (2, 4)):
             config = KernelConfig(16, block_n, block_k, warps, stages, 1)
-            triton_quantized.kernel_config = lambda *a, **k: config  # noqa: E731
+            triton_experts.kernel_config = lambda *a, **k: config  # noqa: E731
             try:
                 with torch.no_grad():
                     ms = time_ms(captured(lambda: EXPERTS_BACKENDS["triton"](x, idx, w, *weights, F.silu, lora=lora)))
@@ -78,7 +78,7 @@ def sweep_decode_tiles(tokens: int = 1) -> list[dict]:
                 print(scheme, config, type(err).__name__)
                 continue
             finally:
-                triton_quantized.kernel_config = original
+                triton_experts.kernel_config = original
             rows.append({"scheme": scheme, "tokens": tokens, "block_n": block_n, "block_k": block_k, "num_warps": warps,
                          "num_stages": stages, "ms": round(ms, 4)})
         best = sorted((r for r in rows if r["scheme"] == scheme), key=lambda r: r["ms"])[:5]

@@ -39,7 +39,7 @@ def _fine_grained_fp8_problems(name: str, module: nn.Module) -> list[str]:
                             f"checkpoints are not supported)")
         elif getattr(module, "block_size", None) is not None:
             try:
-                Fp8ExpertWeights.from_stored(getattr(module, p), scale, tuple(module.block_size), torch.float32)
+                Fp8ExpertWeights.check_stored(getattr(module, p), scale, tuple(module.block_size))
             except QuantizationError as err:
                 problems.append(f"{name}.{p}: {err}")
     return problems
@@ -128,20 +128,26 @@ def quantize_experts(model: nn.Module, scheme: str, block: Optional[object] = No
             stored = Fp8ExpertWeights.from_stored(getattr(experts, p), getattr(experts, f"{p}_scale_inv"),
                                                   tuple(experts.block_size), dtype)
             delattr(experts, f"{p}_scale_inv")
-            delattr(experts, p)
-            setattr(experts, p, stored.to(device) if device is not None else stored)
+            install(experts, p, stored.to(device) if device is not None else stored)
     for name, experts in tqdm(blocks, desc=f"quantizing experts ({scheme})", disable=len(blocks) < 8):
         for p in PROJECTIONS:
             weight = getattr(experts, p)
             target = weight.detach() if device is None else weight.detach().to(device)
             quantized = SCHEMES[scheme](target, **kwargs)
             del target
-            delattr(experts, p)  # the bf16 parameter goes before the next block is quantized
-            setattr(experts, p, quantized)
+            install(experts, p, quantized)  # the bf16 parameter goes before the next block is quantized
     route_through_library(model, [m for _, m in adopted + blocks])
     if device is not None:
         model.to(device)
     return model
+
+
+def install(experts: nn.Module, projection: str, quantized: QuantizedExpertWeights) -> None:
+    """Put `quantized` where the block keeps `projection`, dropping the float parameter (or meta
+    placeholder) that was there; transformers' weight initialisation then leaves it alone."""
+    quantized._is_hf_initialized = True
+    delattr(experts, projection)
+    setattr(experts, projection, quantized)
 
 
 def block_problems(blocks: list[tuple[str, nn.Module]], scheme: str, kwargs: dict, check_storage: bool = True) -> list[str]:

@@ -27,7 +27,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .ops import describe_experts
 from .ops.quantized import SCHEMES, Fp8ExpertWeights, QuantizationError
-from .quantize import PROJECTIONS, block_problems, route_through_library
+from .quantize import PROJECTIONS, block_problems, install, route_through_library
 
 METHOD = "peft_shared_moe"
 
@@ -57,10 +57,7 @@ class ExpertsQuantizationConfig(QuantizationConfigMixin):
 
 
 def _install(experts: nn.Module, projection: str, weight: torch.Tensor, config: ExpertsQuantizationConfig) -> None:
-    quantized = SCHEMES[config.scheme](weight.detach(), **config.block_kwargs())
-    quantized._is_hf_initialized = True  # transformers' weight initialisation leaves it alone
-    delattr(experts, projection)
-    setattr(experts, projection, quantized)
+    install(experts, projection, SCHEMES[config.scheme](weight.detach(), **config.block_kwargs()))
 
 
 class _QuantizeOnLoad(ConversionOps):

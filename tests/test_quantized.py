@@ -719,10 +719,11 @@ def test_the_quantized_kernels_launch_on_the_layers_device(monkeypatch):
     device guard with the hidden states (on the CPU the guard is a no-op; the call is what is checked)."""
     import contextlib
 
-    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors, triton_quantized
+    from peft_shared_moe.ops import EXPERTS_BACKENDS, ExpertLoraFactors, triton_experts, triton_quantized
 
     entered = []
-    monkeypatch.setattr(triton_quantized, "_device_guard", lambda t: entered.append(t.device) or contextlib.nullcontext())
+    for module in (triton_experts, triton_quantized):  # inference's guard; the training halves' (around dequantizing)
+        monkeypatch.setattr(module, "device_guard", lambda t: entered.append(t.device) or contextlib.nullcontext())
     device, gate_up, down, x, idx, w, factors = quantized_layer("nf4", 16)
     lora = ExpertLoraFactors({f: t.float().to(device).requires_grad_() for f, t in factors.items()}, 0.5)
     x, idx, w = x.to(device), idx.to(device), w.to(device)
@@ -745,3 +746,18 @@ def test_a_compiled_quantized_model_computes_what_the_eager_one_does(qwen3_path)
         want = model(input_ids=ids).logits
         got = torch.compile(model, backend="aot_eager")(input_ids=ids).logits
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_shrink_on_a_quantized_weight_is_refused():
+    """The quantized kernel has no extra shrink programs or kept pre-activation: asking for them raises."""
+    from peft_shared_moe.ops.block_routing import align_pairs_to_blocks
+    from peft_shared_moe.ops.kernel_configs import INTERPRETER, KernelConfig
+    from peft_shared_moe.ops.triton_experts import ExpertGemm, LoraShrink, launch
+
+    device, gate_up, down, x, idx, w, factors = quantized_layer("nf4", 16)
+    config = KernelConfig(**INTERPRETER)
+    routing = align_pairs_to_blocks(idx.to(device), gate_up.shape[0], config.block_m)
+    h = torch.randn(idx.numel(), down.shape[2], device=device)
+    shrink = LoraShrink(factors["w2.lora_A"].float().to(device), torch.empty(idx.numel(), 4, device=device))
+    with pytest.raises(ValueError, match="the quantized GEMM has no fused shrink"):
+        launch(ExpertGemm(h, down, torch.empty(idx.numel(), 32, device=device), routing, config, "ieee", shrink=shrink))

@@ -241,10 +241,8 @@ class Fp8ExpertWeights(QuantizedExpertWeights):
         self.register_buffer("scale_inv", scale_inv)  # (E, out / bn, in / bk) float32
 
     @classmethod
-    def from_stored(cls, weight: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int],
-                    dtype: torch.dtype) -> "Fp8ExpertWeights":
-        """Adopt FP8 values and scales already in this layout (a FineGrainedFP8 checkpoint's), as they are:
-        no copy, no re-quantization."""
+    def check_stored(cls, weight: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int]) -> tuple[int, int]:
+        """The (block_n, block_k) of FP8 values and scales already in this layout; raises where they are not."""
         block = cls.block_pair(block)
         cls.check(tuple(weight.shape), block)
         num_experts, n, k = weight.shape
@@ -254,6 +252,14 @@ class Fp8ExpertWeights(QuantizedExpertWeights):
                 f"FP8 experts need float8_e4m3fn weights and float32 scale_inv of shape {want} for weight "
                 f"{tuple(weight.shape)} and block {block}; got {weight.dtype} and {scale_inv.dtype} "
                 f"{tuple(scale_inv.shape)}")
+        return block
+
+    @classmethod
+    def from_stored(cls, weight: torch.Tensor, scale_inv: torch.Tensor, block: int | tuple[int, int],
+                    dtype: torch.dtype) -> "Fp8ExpertWeights":
+        """Adopt FP8 values and scales already in this layout (a FineGrainedFP8 checkpoint's), as they are:
+        no copy, no re-quantization."""
+        block = cls.check_stored(weight, scale_inv, block)
         self = cls.__new__(cls)
         QuantizedExpertWeights.__init__(self, tuple(weight.shape), dtype)
         self.block = block

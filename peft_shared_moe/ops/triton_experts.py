@@ -35,7 +35,7 @@ from ..factors import EXPERT_FACTORS
 from .block_routing import BlockRouting, align_pairs_to_blocks
 from .experts_layout import ExpertsLayout, _is_silu
 from .kernel_configs import KernelConfig, kernel_config, shape_key
-from .quantized import holds_quantized
+from .quantized import QuantizedExpertWeights, holds_quantized
 from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_support import TritonBackendError
 
@@ -84,11 +84,32 @@ def _expert_gemm(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, K, stride_xk, stride_wk, 
 
 
 @triton.jit
-def _lora_dot(l_ptrs, b_ptrs, row_ok, r_ok, n_ok, DOT_PRECISION: tl.constexpr):
-    """(BM, R) rank-r activations times an (R, BN) tile of an expansion factor (cast as loaded)."""
+def _lora_dot(lora_in_ptr, lora_row, b_ptr, expert, offs_n, row_ok, n_ok, R, stride_lm, stride_lk,
+              stride_be, stride_bn, stride_bk, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The expansion of a block: rank-r activations lora_in[lora_row] (BM, R) times expert `expert`'s
+    (N, R) factor b, an (R, BN) tile of it at columns offs_n (cast to the activations' dtype as loaded)."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    l_ptrs = lora_in_ptr + lora_row[:, None] * stride_lm + offs_r[None, :] * stride_lk
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
     la = tl.load(l_ptrs, mask=row_ok[:, None] & r_ok[None, :], other=0.0)
     lb = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
     return tl.dot(la, lb.to(la.dtype), input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _add_expansion(acc, acc_up, lora_in_ptr, lora_b_ptr, lora_b_up_ptr, pair, expert, offs_n, row_ok, n_ok, R, scaling,
+                   stride_lm, stride_lk, stride_be, stride_bn, stride_bk, LORA_ROW_DIV: tl.constexpr,
+                   GATED: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """`LoraExpansion` on a block's accumulators: + s lora_in[p // LORA_ROW_DIV] B[e]^T, and when gated
+    the up half's + s lora_in[.., R:] B_up[e]^T."""
+    lora_row = pair // LORA_ROW_DIV
+    acc += scaling * _lora_dot(lora_in_ptr, lora_row, lora_b_ptr, expert, offs_n, row_ok, n_ok, R, stride_lm,
+                               stride_lk, stride_be, stride_bn, stride_bk, BLOCK_R, DOT_PRECISION)
+    if GATED:
+        acc_up += scaling * _lora_dot(lora_in_ptr + R * stride_lk, lora_row, lora_b_up_ptr, expert, offs_n, row_ok, n_ok,
+                                      R, stride_lm, stride_lk, stride_be, stride_bn, stride_bk, BLOCK_R, DOT_PRECISION)
+    return acc, acc_up
 
 
 @triton.jit
@@ -171,13 +192,9 @@ def _grouped_gemm_kernel(
         acc, acc_up = _expert_gemm(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, K, stride_xk, stride_wk, N * stride_wn,
                                    GATED, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
         if HAS_EXPAND:
-            lora_row = pair // LORA_ROW_DIV
-            l_ptrs = lora_in_ptr + lora_row[:, None] * stride_lm + offs_r[None, :] * stride_lk  # (BM, BR)
-            b_ptrs = lora_b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
-            acc += scaling * _lora_dot(l_ptrs, b_ptrs, row_ok, r_ok, n_ok, DOT_PRECISION)
-            if GATED:
-                b_up_ptrs = lora_b_up_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
-                acc_up += scaling * _lora_dot(l_ptrs + R * stride_lk, b_up_ptrs, row_ok, r_ok, n_ok, DOT_PRECISION)
+            acc, acc_up = _add_expansion(acc, acc_up, lora_in_ptr, lora_b_ptr, lora_b_up_ptr, pair, expert, offs_n,
+                                         row_ok, n_ok, R, scaling, stride_lm, stride_lk, stride_be, stride_bn,
+                                         stride_bk, LORA_ROW_DIV, GATED, BLOCK_R, DOT_PRECISION)
 
         if STORE_PRE:  # the training forward keeps [gate; up] before the SiLU for its backward
             pre_ptrs = pre_ptr + pair[:, None] * stride_pm + offs_n[None, :] * stride_pn
@@ -223,7 +240,7 @@ class ExpertGemm:
     """
 
     x: torch.Tensor  # (rows, K)
-    weight: torch.Tensor  # (E, N, K), or (E, 2N, K) [gate; up] when gated
+    weight: torch.Tensor  # (E, N, K), or (E, 2N, K) [gate; up] when gated; or a QuantizedExpertWeights
     out: torch.Tensor  # (S, N)
     routing: BlockRouting
     config: KernelConfig
@@ -237,7 +254,8 @@ class ExpertGemm:
 
 
 def launch(gemm: ExpertGemm) -> torch.Tensor:
-    """Run `gemm` in `_grouped_gemm_kernel`; checks its shapes, returns `gemm.out`."""
+    """Run `gemm` in `_grouped_gemm_kernel` (a weight held quantized: in `triton_quantized`'s kernel, which
+    has no fused shrink or kept pre-activation); checks its shapes, returns `gemm.out`."""
     x, weight, out, routing, config = gemm.x, gemm.weight, gemm.out, gemm.routing, gemm.config
     expand, shrink, gated = gemm.expansion, gemm.shrink, gemm.gated
     num_experts, n_w, k = weight.shape
@@ -245,10 +263,12 @@ def launch(gemm: ExpertGemm) -> torch.Tensor:
     if x.shape[-1] != k or out.shape != (routing.num_pairs, n):
         raise ValueError(f"grouped GEMM shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, out {tuple(out.shape)}")
     rank = 0
+    quantized = isinstance(weight, QuantizedExpertWeights)
     # Unused pointers get stand-ins (never read: the flags compile those loads away).
+    stand_in = x[None] if quantized else weight  # a 3-D tensor
     lora_in, lora_b, lora_row_div, scaling = (
-        (expand.lora_in, expand.b, expand.row_div, expand.scaling) if expand is not None else (out, weight, 1, 0.0))
-    shrink_w, shrink_out = (shrink.a, shrink.out) if shrink is not None else (weight, out)
+        (expand.lora_in, expand.b, expand.row_div, expand.scaling) if expand is not None else (out, stand_in, 1, 0.0))
+    shrink_w, shrink_out = (shrink.a, shrink.out) if shrink is not None else (stand_in, out)
     lora_b_up = lora_b
     if expand is not None:
         rank = lora_b.shape[-1]
@@ -256,14 +276,19 @@ def launch(gemm: ExpertGemm) -> torch.Tensor:
             lora_b_up = expand.b_up
             if lora_b_up is None or lora_b_up.shape != lora_b.shape or lora_b_up.stride() != lora_b.stride():
                 raise ValueError(f"gated expansion needs an up factor shaped and strided like {tuple(lora_b.shape)}")
+    if shrink is not None:
+        rank = shrink_w.shape[1]
+    block_r = max(16, triton.next_power_of_2(max(rank, 1)))
+    if quantized:  # the same problem, its weight tiles dequantized in registers
+        from .triton_quantized import launch_quantized
+
+        launch_quantized(gemm, lora_in, lora_b, lora_b_up, rank, block_r)
+        return out
     store_pre = gemm.store_pre
     if store_pre is not None and (not gated or store_pre.shape != (routing.num_pairs, 2 * n)):
         raise ValueError(f"store_pre must be (S, 2N) = ({routing.num_pairs}, {2 * n}) of a gated GEMM, got {tuple(store_pre.shape)}")
     pre = store_pre if store_pre is not None else out
-    if shrink is not None:
-        rank = shrink_w.shape[1]
     pair_weights = gemm.pair_weights
-    block_r = max(16, triton.next_power_of_2(max(rank, 1)))
     grid = (routing.max_blocks * (triton.cdiv(n, config.block_n) + (shrink is not None)),)
     flags = (gated, expand is not None, shrink is not None, store_pre is not None, block_r, config, gemm.precision)
     launch_fitting(
@@ -351,6 +376,11 @@ def dot_precision(dtype: torch.dtype) -> str:
         except RuntimeError:  # legacy and new API mixed: torch refuses to say, so take the exact one
             setting = "ieee"
     return "tf32" if setting == "tf32" else "ieee"
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device; a layer placed by a multi-GPU device_map may sit on another."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def needs_autograd(*tensors: Optional[torch.Tensor]) -> bool:
@@ -515,20 +545,10 @@ def triton_experts_forward(
             reasons.append("a gate function without its layout cannot be checked against the kernels' SiLU gate")
         if reasons:
             raise TritonBackendError.from_reasons(reasons)
-    if holds_quantized((gate_up_proj, down_proj)):
-        from .triton_quantized import QuantizedBaseTraining, triton_quantized_forward
-
-        if lora is not None and needs_autograd(hidden_states, top_k_weights, *lora.values()):
-            from .triton_train import _FACTORS
-
-            return QuantizedBaseTraining.apply(gate_up_proj, down_proj, hidden_states.contiguous(), top_k_index,
-                                               top_k_weights, *(lora[f] for f in _FACTORS), float(lora.scaling))[0]
-        return triton_quantized_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)
-    if lora is not None and torch.is_grad_enabled():
+    if lora is not None and needs_autograd(hidden_states, top_k_weights, *lora.values()):
         from .triton_train import triton_train_forward
 
-        if needs_autograd(hidden_states, top_k_weights, *lora.values()):
-            return triton_train_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)
+        return triton_train_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)
     p = pack_lora(lora, hidden_states.dtype) if lora is not None else None
     if not torch.compiler.is_compiling():  # eager and CUDA-graph capture: skip the op dispatcher's cost
         return _fused_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, p)
@@ -573,9 +593,7 @@ def _fused_experts(
     down_proj: torch.Tensor,
     packed: Optional[PackedExpertLora],
 ) -> torch.Tensor:
-    # Triton launches on the current CUDA device; with a multi-GPU device_map the layer's may be another.
-    guard = torch.cuda.device(hidden_states.device) if hidden_states.is_cuda else contextlib.nullcontext()
-    with guard:
+    with device_guard(hidden_states):
         num_tokens, top_k = top_k_index.shape
         num_experts, two_i, hidden = gate_up_proj.shape
         inter = two_i // 2
@@ -612,7 +630,10 @@ def _fused_experts(
         # output, so one per-token sum reduces both.
         out = torch.empty(num_pairs, hidden + rank_out, dtype=dtype, device=x.device)
         shrink = down_expand = None
-        if rank_out:
+        if rank_out and isinstance(down_proj, QuantizedExpertWeights):  # its kernel has no fused shrink
+            launch(ExpertGemm(h, packed.down_A, out[:, hidden:], routing_down, config_down, precision,
+                              pair_weights=pair_weights))
+        elif rank_out:
             shrink = LoraShrink(packed.down_A, out[:, hidden:])
         elif packed is not None:
             a_down = torch.empty(num_pairs, packed.down_A.shape[1], dtype=dtype, device=x.device)

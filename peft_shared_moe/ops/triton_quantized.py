@@ -1,15 +1,16 @@
 """Triton experts on a quantized base (NF4 or block-wise FP8, `quantized.py`).
 
-Inference: the grouped GEMM of `triton_experts.py` with its weight tiles dequantized in registers
-from the quantized storage, so a whole expert is never materialised in 16 bits. A tile element
+Inference: `triton_experts.launch` hands an `ExpertGemm` whose weight is held quantized to
+`launch_quantized`, so the experts forward (`_fused_experts`) is the bf16 one. Its kernel is the
+grouped GEMM with its weight tiles dequantized in registers from the quantized storage, so a whole expert is never materialised in 16 bits. A tile element
 (k, n) is the stored weight's (row n, column k) of the block's expert:
 - NF4: the byte at flat index (n * in + k) / 2 of the expert, high nibble for even indices, its
   level times the absmax of block (n * in + k) / block;
 - FP8: the e4m3 byte at (n, k), decoded with integer ops (so the interpreter runs it too), times the
   scale_inv of (n / block_n, k / block_k).
 The value is cast to the activation dtype before the product, as the torch path dequantizes into the
-compute dtype. The LoRA runs as on the bf16 base: shared A once per token, the factors' GEMMs on the
-ordinary kernels (`launch`), shared B_down once per token after the routing-weighted sum.
+compute dtype. The LoRA runs as on the bf16 base (the same `_add_expansion` epilogue); the one
+difference is that the weighted rank-r shrink of a shared B_down is its own launch.
 
 Training (`QuantizedBaseTraining`): the bf16 training kernels (`triton_train.py`) on one layer's
 weights dequantized into a transient buffer by `_dequantize_kernel` (the same tile decoding), made
@@ -25,15 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_routing import align_pairs_to_blocks
-from .kernel_configs import kernel_config, shape_key
 from .quantized import NF4_LEVELS, Fp8ExpertWeights, Nf4ExpertWeights, QuantizedExpertWeights
-from .torch_experts import ExpertLoraFactors, is_shared
 from .triton_experts import (
-    ExpertGemm, _block_pairs, _lora_dot, _tile_of_program, dot_precision, interpreter_active, launch, launch_fitting,
-    pack_lora,
+    ExpertGemm, _add_expansion, _block_pairs, _tile_of_program, device_guard, interpreter_active, launch_fitting,
 )
-from .triton_train import _device_guard, _train_backward, _train_forward
+from .triton_train import _backward_with, _setup_context, _train_backward, _train_forward
 
 NF4, FP8 = 1, 2  # SCHEME values
 
@@ -151,7 +148,7 @@ def _quantized_grouped_gemm_kernel(
     R,
     num_pairs,
     scaling,
-    stride_xm, stride_om, stride_lm,
+    stride_xm, stride_xk, stride_om, stride_on, stride_lm, stride_lk,
     stride_be, stride_bn, stride_bk,
     SCHEME: tl.constexpr,
     QBLOCK: tl.constexpr,
@@ -178,7 +175,7 @@ def _quantized_grouped_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + (pair // X_ROW_DIV)[:, None] * stride_xm + offs_k[None, :]
+    x_ptrs = x_ptr + (pair // X_ROW_DIV)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -190,21 +187,16 @@ def _quantized_grouped_gemm_kernel(
             b_up = _weight_tile(q_ptr, scale_ptr, levels_ptr, expert, offs_n + N, k0, n_ok, OUT, K, SCHEME, QBLOCK,
                                 QBLOCK_N, QBLOCK_K, BLOCK_N, BLOCK_K, ROW_SCALES, NATIVE_FP8)
             acc_up += tl.dot(a, b_up.to(a.dtype), input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K * stride_xk
     if HAS_EXPAND:
-        offs_r = tl.arange(0, BLOCK_R)
-        r_ok = offs_r < R
-        l_ptrs = lora_in_ptr + (pair // LORA_ROW_DIV)[:, None] * stride_lm + offs_r[None, :]
-        b_ptrs = lora_b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
-        acc += scaling * _lora_dot(l_ptrs, b_ptrs, row_ok, r_ok, n_ok, DOT_PRECISION)
-        if GATED:
-            b_up_ptrs = lora_b_up_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
-            acc_up += scaling * _lora_dot(l_ptrs + R, b_up_ptrs, row_ok, r_ok, n_ok, DOT_PRECISION)
+        acc, acc_up = _add_expansion(acc, acc_up, lora_in_ptr, lora_b_ptr, lora_b_up_ptr, pair, expert, offs_n, row_ok,
+                                     n_ok, R, scaling, stride_lm, stride_lk, stride_be, stride_bn, stride_bk,
+                                     LORA_ROW_DIV, GATED, BLOCK_R, DOT_PRECISION)
     if GATED:
         acc = acc / (1.0 + tl.exp(-acc)) * acc_up  # SiLU(gate) * up
     if MUL_WEIGHT:
         acc = acc * tl.load(pair_weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + pair[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -246,36 +238,39 @@ def dequantized(weight: QuantizedExpertWeights, dtype: torch.dtype) -> torch.Ten
 
 
 class QuantizedBaseTraining(torch.autograd.Function):
-    """`triton_train`'s forward and backward with the base dequantized per call; the context keeps the
-    quantized modules, never a dequantized weight (gradient checkpointing recomputes it like the rest)."""
+    """`triton_train`'s forward and backward with the base dequantized per call (same inputs as its custom
+    op); the context keeps the quantized modules, never a dequantized weight (gradient checkpointing
+    recomputes it like the rest)."""
 
     @staticmethod
-    def forward(ctx, gate_up: QuantizedExpertWeights, down: QuantizedExpertWeights, x, top_k_index, top_k_weights,
+    def forward(ctx, x, top_k_index, top_k_weights, gate_up: QuantizedExpertWeights, down: QuantizedExpertWeights,
                 *factors_and_scaling):
-        *factors, scaling = factors_and_scaling
-        with _device_guard(x):  # launch on the layer's device (a device_map may spread the layers)
+        with device_guard(x):
             output = _train_forward(x, top_k_index, top_k_weights, dequantized(gate_up, x.dtype),
-                                    dequantized(down, x.dtype), *factors, scaling)
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, top_k_weights, *factors, *output[1:])
-        ctx.quantized, ctx.scaling = (gate_up, down), scaling
+                                    dequantized(down, x.dtype), *factors_and_scaling)
+        none = x.new_empty(0)  # what `_setup_context` saves for the base: nothing weight-sized
+        _setup_context(ctx, (x, top_k_index, top_k_weights, none, none, *factors_and_scaling), output)
+        ctx.quantized = (gate_up, down)
         return output
 
     @staticmethod
     def backward(ctx, dy, *_kept_grads):
-        x, top_k_weights, *rest = ctx.saved_tensors
-        factors, kept = rest[:6], rest[6:]
-        need_x, need_w = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
-        with _device_guard(x):
+        def dequantizing_backward(dy, x, top_k_weights, _gate_up, _down, *rest):
             dense = [dequantized(w, x.dtype) for w in ctx.quantized]
-            dx, grad_w, *grad_factors = _train_backward(dy, x, top_k_weights, *dense, *factors, *kept, ctx.scaling,
-                                                        need_x, need_w)
-        return (None, None, dx if need_x else None, None, grad_w if need_w else None, *grad_factors, None)
+            return _train_backward(dy, x, top_k_weights, *dense, *rest)
+
+        with device_guard(dy):
+            return _backward_with(dequantizing_backward, ctx, dy)
 
 
-def _quantized_gemm(x, weight: QuantizedExpertWeights, out, routing, config, precision, *, x_row_div=1, gated=False,
-                    lora_in=None, lora_b=None, lora_b_up=None, lora_row_div=1, scaling=0.0, pair_weights=None) -> None:
+def launch_quantized(gemm: ExpertGemm, lora_in: torch.Tensor, lora_b: torch.Tensor, lora_b_up: torch.Tensor,
+                     rank: int, block_r: int) -> None:
+    """`triton_experts.launch` for a weight held quantized (it has checked the shapes and the expansion and
+    passes its unpacked pointers): the same problem on `_quantized_grouped_gemm_kernel`."""
+    x, weight, out, routing, config, gated = gemm.x, gemm.weight, gemm.out, gemm.routing, gemm.config, gemm.gated
+    if gemm.shrink is not None or gemm.store_pre is not None:
+        raise ValueError("the quantized GEMM has no fused shrink and keeps no pre-activation: launch the shrink "
+                         "as its own ExpertGemm")
     num_experts, rows, k = weight.shape
     n = rows // 2 if gated else rows
     scheme, q, scale, qblock, qblock_nk = _storage(weight)
@@ -285,26 +280,23 @@ def _quantized_gemm(x, weight: QuantizedExpertWeights, out, routing, config, pre
     native_fp8 = scheme == FP8 and row_scales and not interpreter_active()  # the per-element decoding reads bytes
     if native_fp8:
         q = q.view(torch.float8_e4m3fn)  # converted by the hardware
-    levels = _levels(x.device)
-    has_expand = lora_in is not None
-    lora_in = lora_in if has_expand else out
-    lora_b = lora_b if has_expand else scale.view(1, 1, -1)
-    lora_b_up = lora_b_up if lora_b_up is not None else lora_b
-    rank = lora_b.shape[-1] if has_expand else 0
-    block_r = max(16, triton.next_power_of_2(max(rank, 1)))
+    expand = gemm.expansion
+    lora_row_div, scaling = (expand.row_div, expand.scaling) if expand is not None else (1, 0.0)
+    pair_weights = gemm.pair_weights
     grid = (routing.max_blocks * triton.cdiv(n, config.block_n),)
     launch_fitting(
-        _quantized_grouped_gemm_kernel, grid, (scheme, gated, has_expand, block_r, config, block_k, precision),
+        _quantized_grouped_gemm_kernel, grid, (scheme, gated, expand is not None, block_r, config, block_k, gemm.precision),
         config.num_stages,
-        x, q, scale, levels, out, lora_in, lora_b, lora_b_up, pair_weights if pair_weights is not None else out,
+        x, q, scale, _levels(x.device), out, lora_in, lora_b, lora_b_up, pair_weights if pair_weights is not None else out,
         routing.sorted_pair_ids, routing.expert_of_block, routing.num_padded_rows,
         n, k, rows, rank, routing.num_pairs, float(scaling),
-        x.stride(0), out.stride(0), lora_in.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1), lora_in.stride(0), lora_in.stride(1),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
         SCHEME=scheme, QBLOCK=qblock, QBLOCK_N=qblock_nk[0], QBLOCK_K=qblock_nk[1], ROW_SCALES=row_scales,
-        NATIVE_FP8=native_fp8, X_ROW_DIV=x_row_div,
-        LORA_ROW_DIV=lora_row_div, GATED=gated, HAS_EXPAND=has_expand, MUL_WEIGHT=pair_weights is not None,
+        NATIVE_FP8=native_fp8, X_ROW_DIV=gemm.x_row_div, LORA_ROW_DIV=lora_row_div, GATED=gated,
+        HAS_EXPAND=expand is not None, MUL_WEIGHT=pair_weights is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-        GROUP_M=config.group_m, DOT_PRECISION=precision, num_warps=config.num_warps,
+        GROUP_M=config.group_m, DOT_PRECISION=gemm.precision, num_warps=config.num_warps,
     )
 
 
@@ -317,63 +309,3 @@ def _k_step(block_k: int, k: int, scale_block: int, least: int) -> tuple[int, bo
     if scale_block % step or k % scale_block:
         return block_k, False
     return step, True
-
-
-def triton_quantized_forward(
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up_proj: QuantizedExpertWeights,
-    down_proj: QuantizedExpertWeights,
-    lora: ExpertLoraFactors | None = None,
-) -> torch.Tensor:
-    """`triton_experts_forward` on a quantized base (inference; the caller has checked the refusals)."""
-    with _device_guard(hidden_states):  # launch on the layer's device (a device_map may spread the layers)
-        return _quantized_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora)
-
-
-def _quantized_forward(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, lora):
-    num_tokens, top_k = top_k_index.shape
-    num_experts, two_i, hidden = gate_up_proj.shape
-    inter = two_i // 2
-    x = hidden_states.contiguous()
-    dtype, device, num_pairs = x.dtype, x.device, num_tokens * top_k
-    shape = shape_key(num_experts, hidden, inter)
-    config = kernel_config("gate_up", num_tokens, device, shape)
-    config_down = kernel_config("down", num_tokens, device, shape)
-    config_down = type(config_down)(config.block_m, config_down.block_n, config_down.block_k, config_down.num_warps,
-                                    config_down.num_stages, config_down.group_m)  # one routing for every pass
-    routing = align_pairs_to_blocks(top_k_index, num_experts, config.block_m)
-    pair_weights = top_k_weights.reshape(-1).contiguous()
-    precision = dot_precision(dtype)
-    p = pack_lora(lora, dtype) if lora is not None else None
-
-    h = torch.empty(num_pairs, inter, dtype=dtype, device=device)
-    expand = {}
-    if p is not None:
-        if is_shared(p.gate_up_A):
-            expand = dict(lora_in=x @ p.gate_up_A[0].T, lora_row_div=top_k)  # (T, 2r): once per token
-        else:
-            a = torch.empty(num_pairs, p.gate_up_A.shape[1], dtype=dtype, device=device)
-            launch(ExpertGemm(x, p.gate_up_A, a, routing, config, precision, x_row_div=top_k))
-            expand = dict(lora_in=a)
-        expand.update(lora_b=p.gate_B, lora_b_up=p.up_B, scaling=p.scaling)
-    _quantized_gemm(x, gate_up_proj, h, routing, config, precision, x_row_div=top_k, gated=True, **expand)
-
-    out = torch.empty(num_pairs, hidden, dtype=dtype, device=device)
-    down_expand, weighted_rank = {}, None
-    if p is not None:
-        rank = p.down_A.shape[1]
-        if is_shared(p.down_B):  # w * h A_down^T per pair, summed per token, then B_down once per token
-            weighted_rank = torch.empty(num_pairs, rank, dtype=dtype, device=device)
-            launch(ExpertGemm(h, p.down_A, weighted_rank, routing, config_down, precision, pair_weights=pair_weights))
-        else:
-            a_down = torch.empty(num_pairs, rank, dtype=dtype, device=device)
-            launch(ExpertGemm(h, p.down_A, a_down, routing, config_down, precision))
-            down_expand = dict(lora_in=a_down, lora_b=p.down_B, scaling=p.scaling)
-    _quantized_gemm(h, down_proj, out, routing, config_down, precision, pair_weights=pair_weights, **down_expand)
-    y = out.view(num_tokens, top_k, hidden).sum(dim=1)
-    if weighted_rank is None:
-        return y
-    summed = weighted_rank.view(num_tokens, top_k, -1).sum(dim=1)
-    return torch.addmm(y, summed, p.down_B[0].T, alpha=p.scaling)

@@ -30,7 +30,6 @@ recomputes the forward either way.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -40,9 +39,10 @@ import triton.language as tl
 from .block_routing import BlockRouting, align_pairs_to_blocks, max_blocks
 from .kernel_configs import KernelConfig, TrainConfigs, train_configs
 from .torch_experts import ExpertLoraFactors, is_shared
+from .quantized import holds_quantized
 from .triton_experts import (
     ExpertGemm, LoraExpansion, LoraShrink, _block_pairs, _expert_gemm, _like, _lora_dot, _stack, _tile_of_program,
-    dot_precision, launch,
+    device_guard, dot_precision, launch,
 )
 
 
@@ -84,15 +84,13 @@ def _gated_backward_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
 
     x_ptrs = dy_ptr + (pair // X_ROW_DIV)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
     g, _unused = _expert_gemm(x_ptrs, w_ptrs, row_ok, n_ok, offs_k, K, stride_xk, stride_wk, 0,
                               False, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    l_ptrs = lora_in_ptr + (pair // LORA_ROW_DIV)[:, None] * stride_lm + offs_r[None, :] * stride_lk
-    b_ptrs = lora_b_ptr + expert * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_bk
-    g += scaling * _lora_dot(l_ptrs, b_ptrs, row_ok, offs_r < R, n_ok, DOT_PRECISION)
+    g += scaling * _lora_dot(lora_in_ptr, pair // LORA_ROW_DIV, lora_b_ptr, expert, offs_n, row_ok, n_ok, R, stride_lm,
+                             stride_lk, stride_be, stride_bn, stride_bk, BLOCK_R, DOT_PRECISION)
 
     # epilogue: the SiLU * up product recomputed from the kept pre-activation
     mask = row_ok[:, None] & n_ok[None, :]
@@ -180,11 +178,6 @@ def expert_outer(g: torch.Tensor, x: torch.Tensor, out: torch.Tensor, routing: B
     return out
 
 
-def _device_guard(t: torch.Tensor):
-    # Triton launches on the current CUDA device; a layer placed by a device_map may sit on another.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _configs(gate_up: torch.Tensor) -> TrainConfigs:
     num_experts, two_inter, hidden = gate_up.shape
     return train_configs(num_experts, hidden, two_inter // 2, gate_up.device)
@@ -198,7 +191,7 @@ def _train_forward(
         torch.Tensor]:
     """(y, and what the backward keeps: pre (S, 2I), a (T|S, 2r), the weighted rank-r down activations
     (T|S, r), [A_gate; A_up] in the activation dtype, and the block routing's three tensors)."""
-    with _device_guard(x):
+    with device_guard(x):
         num_tokens, top_k = top_k_index.shape
         num_experts, two_inter, hidden = gate_up.shape
         inter, rank, dtype = two_inter // 2, a_gate.shape[1], x.dtype
@@ -268,7 +261,7 @@ def _train_backward(
 ) -> list[torch.Tensor]:
     """[dx, d top_k_weights, d a_gate, d a_up, d b_gate, d b_up, d a_down, d b_down]; an unneeded dx or
     d top_k_weights is an empty tensor (custom ops return tensors only)."""
-    with _device_guard(x):
+    with device_guard(x):
         num_tokens, top_k = top_k_weights.shape
         num_experts, two_inter, hidden = gate_up.shape
         inter, rank, dtype, s = two_inter // 2, a_gate.shape[1], x.dtype, scaling
@@ -413,8 +406,13 @@ def triton_train_forward(
     hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, lora: ExpertLoraFactors,
 ) -> torch.Tensor:
-    """The training kernels on one call, after `triton_refusals` found nothing against them."""
-    op = experts_lora_train_forward if torch.compiler.is_compiling() else _EagerTraining.apply
+    """The training kernels on one call, after `triton_refusals` found nothing against them. A base held
+    quantized trains through `triton_quantized.QuantizedBaseTraining` (eager only: the refusals say so)."""
     inputs = (hidden_states.contiguous(), top_k_index, top_k_weights, gate_up_proj, down_proj,
               *(lora[f] for f in _FACTORS), float(lora.scaling))
+    if holds_quantized((gate_up_proj, down_proj)):
+        from .triton_quantized import QuantizedBaseTraining
+
+        return QuantizedBaseTraining.apply(*inputs)[0]
+    op = experts_lora_train_forward if torch.compiler.is_compiling() else _EagerTraining.apply
     return op(*inputs)[0]
