@@ -185,47 +185,54 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def reference_with_deltas(base: PreTrainedModel, peft_model) -> PreTrainedModel:
-    """The base model with s B A added to its expert weights, placed from the module's flags.
+def weights_with_deltas(experts: torch.nn.Module, f: dict[str, torch.Tensor], s: float) -> dict[str, torch.Tensor]:
+    """gate_up_proj and down_proj of `experts` with s B A added, placed from the module's flags.
 
     Written here, independently of the library's `ExpertsLayout.storage_deltas`: gate rows of the
     (E, 2I, H) view are the first I (concatenated) or the even ones (is_concatenated=False), and a
     transposed module (is_transposed=True, or an undecorated one stored (E, H, 2I)) stores that view
-    transposed.
+    transposed. Differentiable in the factors `f` (saved keys, shared factors with dim 0 == 1).
     """
+    gate = s * torch.einsum("eir,erh->eih", f["w1.lora_B"], f["w1.lora_A"].expand(f["w1.lora_B"].shape[0], -1, -1))
+    up = s * torch.einsum("eir,erh->eih", f["w3.lora_B"], f["w3.lora_A"].expand(f["w3.lora_B"].shape[0], -1, -1))
+    down = s * torch.einsum("ehr,eri->ehi", f["w2.lora_B"].expand(f["w2.lora_A"].shape[0], -1, -1), f["w2.lora_A"])
+    num_experts, inter, hidden = gate.shape
+    # No flag (an undecorated class): transposed when the shapes say (E, H, 2I) and (E, I, H).
+    stored_transposed = (experts.gate_up_proj.shape[1:], experts.down_proj.shape[1:]) == (
+        (hidden, 2 * inter),
+        (inter, hidden),
+    )
+    transposed = getattr(experts, "is_transposed", stored_transposed)
+    if getattr(experts, "is_concatenated", True):
+        gate_up_delta = torch.cat([gate, up], dim=1)  # (E, 2I, H)
+    else:
+        gate_up_delta = torch.stack([gate, up], dim=2).flatten(1, 2)  # rows g0, u0, g1, u1, ...
+    gate_up = experts.gate_up_proj.detach()
+    down_weight = experts.down_proj.detach()
+    if transposed:
+        return {"gate_up_proj": gate_up + gate_up_delta.transpose(1, 2), "down_proj": down_weight + down.transpose(1, 2)}
+    return {"gate_up_proj": gate_up + gate_up_delta, "down_proj": down_weight + down}
+
+
+def adapted_layers(peft_model) -> list[tuple[str, torch.nn.Module]]:
+    """(module path in the base model, ExpertsLoraLayer) of every adapted experts block."""
+    return [(n, m) for n, m in peft_model.base_model.model.named_modules() if type(m).__name__ == "ExpertsLoraLayer"]
+
+
+def reference_with_deltas(base: PreTrainedModel, peft_model) -> PreTrainedModel:
+    """The base model with s B A written into its expert weights (`weights_with_deltas`)."""
     ref = copy.deepcopy(base)
-    for name, layer in peft_model.base_model.model.named_modules():
-        if type(layer).__name__ != "ExpertsLoraLayer":
-            continue
+    for name, layer in adapted_layers(peft_model):
         experts = ref.get_submodule(name)
         f = {k: v.detach() for k, v in layer.factors("default").tensors.items()}
-        s = layer.scaling["default"]
-        gate = s * torch.einsum("eir,erh->eih", f["w1.lora_B"], f["w1.lora_A"].expand(f["w1.lora_B"].shape[0], -1, -1))
-        up = s * torch.einsum("eir,erh->eih", f["w3.lora_B"], f["w3.lora_A"].expand(f["w3.lora_B"].shape[0], -1, -1))
-        down = s * torch.einsum("ehr,eri->ehi", f["w2.lora_B"].expand(f["w2.lora_A"].shape[0], -1, -1), f["w2.lora_A"])
-        num_experts, inter, hidden = gate.shape
-        # No flag (an undecorated class): transposed when the shapes say (E, H, 2I) and (E, I, H).
-        stored_transposed = (experts.gate_up_proj.shape[1:], experts.down_proj.shape[1:]) == (
-            (hidden, 2 * inter),
-            (inter, hidden),
-        )
-        transposed = getattr(experts, "is_transposed", stored_transposed)
-        gate_up = experts.gate_up_proj.data
-        gate_up_rows = gate_up.transpose(1, 2) if transposed else gate_up  # (E, 2I, H), a view
-        down_store = experts.down_proj.data.transpose(1, 2) if transposed else experts.down_proj.data  # (E, H, I)
-        if getattr(experts, "is_concatenated", True):
-            gate_up_rows[:, :inter] += gate
-            gate_up_rows[:, inter:] += up
-        else:
-            gate_up_rows[:, 0::2] += gate
-            gate_up_rows[:, 1::2] += up
-        down_store += down
+        for param, value in weights_with_deltas(experts, f, layer.scaling["default"]).items():
+            getattr(experts, param).data.copy_(value)
     return ref
 
 
-def adapt(model: PreTrainedModel, shared: bool, seed: int = 3):
+def adapt(model: PreTrainedModel, shared: bool, seed: int = 3, r: int = 3, backend: str = "torch"):
     config = SharedMoeLoraConfig(
-        r=3, lora_alpha=5, target_modules=["experts"], shared_outer=shared, init_lora_weights=False, backend="torch"
+        r=r, lora_alpha=5, target_modules=["experts"], shared_outer=shared, init_lora_weights=False, backend=backend
     )
     peft_model = get_peft_model(model, config)
     randomize_adapter(peft_model, seed=seed)
@@ -247,7 +254,7 @@ def test_adapted_model_matches_independent_reference(case: Case, shared: bool):
     base = build(case)
     want_base = output(base)
     peft_model = adapt(build(case), shared)
-    layers = [m for m in peft_model.modules() if type(m).__name__ == "ExpertsLoraLayer"]
+    layers = [m for _, m in adapted_layers(peft_model)]
     assert layers, f"{case.model_type}: no experts block was adapted"
     got = output(peft_model)
     want = output(reference_with_deltas(base, peft_model))
@@ -267,6 +274,42 @@ def test_adapted_model_matches_independent_reference(case: Case, shared: bool):
     # Merging writes the same deltas into the storage (ExpertsLayout.storage_deltas).
     merged = peft_model.merge_and_unload()
     assert rel_err(output(merged), changed) <= case.tol
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_expert"])
+@pytest.mark.parametrize("case", SUPPORTED)
+def test_float32_training_gradients_match_float64_reference(case: Case, shared: bool):
+    """Training on the default backend in float32: every factor's gradient against the float64
+    reference model (base weights + s B A, differentiated by autograd through the model's own eager
+    experts). r=8 keeps the factors 16-byte aligned, so torch's grouped_mm runs where it can."""
+    base = build(case)
+    peft_model = adapt(copy.deepcopy(base).float(), shared, r=8, backend="auto")
+    ids = input_ids()
+    projection = torch.randn(output(base).shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = peft_model(input_ids=ids, use_cache=False)
+    out = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    (out.double() * projection).sum().backward()
+
+    ref = copy.deepcopy(base)
+    replaced, factors = {}, {}
+    for name, layer in adapted_layers(peft_model):
+        f = {k: v.detach().double().requires_grad_() for k, v in layer.factor_params("default").items()}
+        factors[name] = f
+        for param, value in weights_with_deltas(ref.get_submodule(name), f, layer.scaling["default"]).items():
+            replaced[f"{name}.{param}"] = value
+    want = torch.func.functional_call(ref, replaced, args=(), kwargs=dict(input_ids=ids, use_cache=False))
+    want = want.logits if getattr(want, "logits", None) is not None else want.last_hidden_state
+    (want * projection).sum().backward()
+
+    checked = 0
+    for name, layer in adapted_layers(peft_model):
+        for factor, param in layer.factor_params("default").items():
+            expected = factors[name][factor].grad
+            assert param.grad is not None and expected is not None, f"{name}.{factor}: no gradient"
+            assert expected.norm() > 0, f"{name}.{factor}: the reference gradient is zero"
+            assert rel_err(param.grad.double(), expected) <= 1e-4, f"{name}.{factor}"
+            checked += 1
+    assert checked == 6 * len(factors)
 
 
 @pytest.mark.parametrize("case", REFUSED)

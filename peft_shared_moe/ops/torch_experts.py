@@ -107,12 +107,30 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity forward; the backward hands on a contiguous gradient.
+
+    grouped_mm's backward refuses a gradient whose last dim is strided, which is what a consumer
+    that interleaves the output (GPT-OSS's g0, u0, g1, u1 gate/up columns) sends back.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def grouped_mm_linear(x: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
     """torch's grouped GEMM over the expert groups; falls back to the loop where it cannot run."""
     if isinstance(weight, QuantizedExpertWeights) or not _grouped_mm_supported(x, weight):
         return loop_grouped_linear(x, weight, routing)
-    # grouped_mm reads the (in, out) view of each expert's weight; its backward needs a dense input.
-    return F.grouped_mm(x.to(weight.dtype).contiguous(), weight.transpose(-2, -1), offs=routing.group_ends)
+    # grouped_mm reads the (in, out) view of each expert's weight; its backward needs a dense input
+    # and a dense output gradient.
+    out = F.grouped_mm(x.to(weight.dtype).contiguous(), weight.transpose(-2, -1), offs=routing.group_ends)
+    return _DenseGrad.apply(out) if torch.is_grad_enabled() and out.requires_grad else out
 
 
 def _per_token_lora_input(hidden: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
