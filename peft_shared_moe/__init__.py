@@ -10,7 +10,7 @@ from .config import PEFT_TYPE, SharedMoeLoraConfig
 from .ops import UnsupportedExpertsError, register_transformers_experts_implementation
 from .ops.triton_support import TritonBackendError
 from .tuners import ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraModel, is_fused_experts
-from .tuners.native_loading import install_native_load_check
+from .tuners.loading import install_loading_guards
 from .formats import export_adapter, import_adapter, inspect_adapter, shard_adapter
 from .ops.quantized import QuantizationError
 from .quantize import quantize_experts
@@ -26,7 +26,7 @@ def _register_with_peft() -> None:
 
 _register_with_peft()
 register_transformers_experts_implementation()
-install_native_load_check()
+install_loading_guards()
 
 __version__ = "0.1.0"
 

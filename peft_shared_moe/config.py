@@ -29,10 +29,18 @@ class SharedMoePeftType(str, enum.Enum):
 
 PEFT_TYPE = SharedMoePeftType.SHARED_MOE_LORA
 
-# What Tinker trains when no targets are named: every experts block plus the attention projections.
-# The router (`gate`) and `lm_head` are never targeted by default.
-DEFAULT_TARGET_MODULES = ("experts", "q_proj", "k_proj", "v_proj", "o_proj")
+# Target names resolved by structure, not by module name: every fused experts block, and every
+# nn.Linear directly inside an attention block of the decoder (q/k/v/o_proj, DeepSeek's q_a_proj /
+# kv_b_proj / ..., whatever the architecture calls them).
 EXPERTS_TARGET = "experts"
+ATTENTION_TARGET = "attention"
+# What Tinker trains when no targets are named ("all-linear" or None): the experts and the attention
+# projections. The router (`gate`), dense MLPs and `lm_head` are never targeted by default.
+DEFAULT_TARGET_MODULES = (EXPERTS_TARGET, ATTENTION_TARGET)
+# Run-time settings: never saved into adapter_config.json, so a reloaded adapter runs "auto" unless
+# the loading code asks otherwise (as PEFT's LoraConfig keeps `runtime_config` out of the file).
+RUNTIME_FIELDS = ("backend",)
+INCLUDE_ALL_LINEAR = "all-linear"
 BACKENDS = ("auto", "torch", "loop", "triton", "torch_fused")
 LOADING_NOTE = (
     "## Loading this adapter\n\n"
@@ -215,8 +223,10 @@ class SharedMoeLoraConfig(PeftConfig):
         metadata={
             "help": (
                 "Module names to adapt. 'experts' targets every fused experts block (recognised by structure: "
-                "3D gate_up_proj [E, 2I, H] and down_proj [E, H, I]); any other name targets nn.Linear layers whose "
-                "name is it or ends with '.' + it. None or 'all-linear': every experts block and q/k/v/o_proj."
+                "3D gate_up_proj [E, 2I, H] and down_proj [E, H, I]); 'attention' every nn.Linear directly inside "
+                "an attention block of the decoder (q/k/v/o_proj, or DeepSeek's q_a_proj, kv_b_proj, ...); any other "
+                "name targets nn.Linear layers whose name is it or ends with '.' + it. None or 'all-linear': "
+                "['experts', 'attention'], kept as given in the saved config."
             )
         },
     )
@@ -238,11 +248,13 @@ class SharedMoeLoraConfig(PeftConfig):
         default="auto",
         metadata={
             "help": (
-                "Experts compute path. 'torch': grouped GEMMs with autograd (exact per-expert loop where grouped_mm "
-                "cannot run, e.g. float64); 'loop': always the per-expert loop; 'triton': the fused inference "
-                "kernels (no autograd); 'torch_fused': training as one autograd function with a hand-written "
-                "backward that keeps fewer activations (frozen base, [gate; up] SiLU experts; refuses others); "
-                "'auto': Triton for CUDA inference, torch otherwise."
+                "Experts compute path, a run-time choice that is not saved with the adapter (a reload runs 'auto'; "
+                "pass SharedMoeLoraConfig.from_pretrained(path, backend=...) as `config=` to choose). 'torch': "
+                "grouped GEMMs with autograd (exact per-expert loop where grouped_mm cannot run, e.g. float64); "
+                "'loop': always the per-expert loop; 'triton': the fused Triton kernels, for inference and training "
+                "(refuses a call they cannot compute exactly); 'torch_fused': training as one autograd function with "
+                "a hand-written backward that keeps fewer activations (frozen base, [gate; up] SiLU experts; refuses "
+                "others); 'auto': the Triton kernels on CUDA where they are exact, torch otherwise."
             )
         },
     )
@@ -275,6 +287,18 @@ class SharedMoeLoraConfig(PeftConfig):
         if LOADING_NOTE not in text:
             readme.write_text(text.rstrip("\n") + ("\n\n" if text else "") + LOADING_NOTE + "\n", encoding="utf-8")
 
+    def to_dict(self) -> dict:
+        values = super().to_dict()
+        for name in RUNTIME_FIELDS:
+            values.pop(name, None)
+        return values
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs) -> dict:
+        # An adapter saved by an earlier version may hold a backend: the reload still runs the default.
+        values = super().from_json_file(path_json_file, **kwargs)
+        return {k: v for k, v in values.items() if k not in RUNTIME_FIELDS}
+
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
@@ -284,7 +308,7 @@ class SharedMoeLoraConfig(PeftConfig):
         if self.target_modules is None:
             return list(DEFAULT_TARGET_MODULES)
         if isinstance(self.target_modules, str):
-            if self.target_modules.lower() == "all-linear":
+            if self.target_modules.lower() == INCLUDE_ALL_LINEAR:
                 return list(DEFAULT_TARGET_MODULES)
             return [self.target_modules]
         return list(self.target_modules)

@@ -78,7 +78,7 @@ def test_load_refuses_a_non_factor_key_and_leaves_the_model_as_it_was(qwen3_path
     _add_key(adapter_dir, key, torch.full(shape, 7.0))
     base = load(qwen3_path)
     before = snapshot(base)
-    with pytest.raises(ValueError, match="not a factor of this adapter") as info:
+    with pytest.raises(ValueError, match="not a tensor of this adapter") as info:
         PeftModel.from_pretrained(base, adapter_dir)
     assert key in str(info.value) and "nothing was loaded" in str(info.value)
     assert_unchanged(base, before)

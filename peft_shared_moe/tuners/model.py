@@ -8,10 +8,10 @@ from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
-from ..config import EXPERTS_TARGET, SharedMoeLoraConfig
+from ..config import ATTENTION_TARGET, EXPERTS_TARGET, SharedMoeLoraConfig
 from ..ops import UnsupportedExpertsError, describe_experts
 from ..parallel import (
     ParallelLayoutError,
@@ -27,6 +27,7 @@ from ..parallel import (
     recast_parameter,
 )
 from .layer import BASE_NAME, ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer
+from .loading import AdapterLoadError, check_finite
 
 
 def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str]:
@@ -36,7 +37,8 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     an unsupported type, or "experts" is asked of a model without a fused experts block.
     """
     names = config.resolved_target_modules()
-    linear_names = [n for n in names if n != EXPERTS_TARGET]
+    linear_names = [n for n in names if n not in (EXPERTS_TARGET, ATTENTION_TARGET)]
+    attention = attention_projections(model) if ATTENTION_TARGET in names else set()
     targets: dict[str, str] = {}
     split: dict[str, bool] = {}  # target -> split over ranks by tensor / expert parallelism
     matched: set[str] = set()
@@ -54,6 +56,8 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
             matched.add(EXPERTS_TARGET)
             continue
         hits = [n for n in linear_names if key == n or key.endswith("." + n)]
+        if key in attention:
+            hits.append(ATTENTION_TARGET)
         if not hits:
             continue
         if base is output_embeddings:
@@ -78,6 +82,24 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
         raise ValueError(f"target_modules {unmatched} matched no module of {type(model).__name__}")
     _check_whole_targets(model, targets, split, config)
     return targets
+
+
+def attention_projections(model: nn.Module) -> set[str]:
+    """Paths of the linears directly inside the decoder's attention blocks (classes named *Attention),
+    whatever the architecture calls them; a vision tower's attention (outside `get_decoder()`) is not one."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    decoder = decoder if isinstance(decoder, nn.Module) else model
+    prefix = next((f"{k}." if k else "" for k, m in model.named_modules() if m is decoder), "")
+    found = set()
+    for key, module in decoder.named_modules():
+        if isinstance(module, BaseTunerLayer) or not type(module).__name__.endswith("Attention"):
+            continue
+        for child_name, child in module.named_children():
+            base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+            if isinstance(base, nn.Linear):
+                found.add(f"{prefix}{key}.{child_name}" if key else f"{prefix}{child_name}")
+    return found
 
 
 def _check_whole_targets(model: nn.Module, targets: dict[str, str], split: dict[str, bool],
@@ -177,13 +199,18 @@ def _align_replicas(model: nn.Module, adapter_name: str) -> None:
 
 
 def _expected_adapter_shapes(model: nn.Module, adapter_name: str) -> dict[str, tuple[int, ...]]:
-    """Model key -> shape of every LoRA factor of `adapter_name`."""
-    own = (f".{adapter_name}.", f".{adapter_name}")
-    return {
-        k: tuple(v.shape)
-        for k, v in model.state_dict().items()
-        if ".lora_" in k and (own[0] in k or k.endswith(own[1]))
-    }
+    """Model key -> shape of every tensor `adapter_name` owns: its LoRA factors and its copies of the
+    `modules_to_save` modules (PEFT's `ModulesToSaveWrapper`)."""
+    expected = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SharedMoeLoraLayer):
+            owned = {n: p for n, p in module.named_parameters() if n.endswith(f".{adapter_name}.weight")}
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            owned = dict(module.modules_to_save[adapter_name].state_dict(prefix=f"modules_to_save.{adapter_name}."))
+        else:
+            continue
+        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in owned.items()})
+    return expected
 
 
 class SharedMoeLoraModel(BaseTuner):
@@ -198,11 +225,17 @@ class SharedMoeLoraModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        self._targets = find_targets(model, self.peft_config[adapter_name])
-        if not any(isinstance(m, SharedMoeLoraLayer) for m in model.modules()):
-            # What a failed first load must restore (PEFT freezes the base while injecting).
-            self._requires_grad_before_injection = {n: p.requires_grad for n, p in model.named_parameters()}
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        self._targets = find_targets(model, config)
+        # PEFT rewrites a target_modules of "all-linear" into the paths of every linear (dropping "experts")
+        # and shortens long lists; it matches through `_check_target_module_exists`, so it gets the resolved
+        # names, and the config keeps what the user gave (which is saved, and resolved again on load).
+        given = config.target_modules
+        config.target_modules = config.resolved_target_modules()
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            config.target_modules = given
         _align_replicas(model, adapter_name)
 
     def _check_target_module_exists(self, peft_config: SharedMoeLoraConfig, key: str) -> bool:
@@ -392,12 +425,10 @@ class SharedMoeLoraModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: SharedMoeLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        # A refusal raises before any tensor is written; the loading guards (loading.py) then take out
+        # the layers the refused load injected.
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        try:
-            cls.check_adapter_state_dict(model, adapter_name, remapped, config)
-        except ValueError:
-            _undo_injection(model, adapter_name)
-            raise
+        cls.check_adapter_state_dict(model, adapter_name, remapped, config)
         return shard_like_model(model, remapped)
 
     @classmethod
@@ -416,11 +447,11 @@ class SharedMoeLoraModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         config: Optional[SharedMoeLoraConfig] = None,
     ) -> None:
-        """Refuse, before any weight is written, an adapter that is not exactly this adapter's factors.
+        """Refuse, before any weight is written, an adapter that is not exactly this adapter's tensors.
 
-        Every key must be a factor of `adapter_name` with its shape (or, with `bias` other than
-        "none", a trainable bias), and every factor must be there. `state_dict` has model keys;
-        errors name the checkpoint keys, which is what the user has.
+        Every key must be a factor or a `modules_to_save` copy of `adapter_name` with its shape (or,
+        with `bias` other than "none", a trainable bias), every one must be there, and every value
+        finite. `state_dict` has model keys; errors name the checkpoint keys, which is what the user has.
         """
         expected = _expected_adapter_shapes(model, adapter_name)
         biases = _trainable_bias_names(model, getattr(config, "bias", "none"))
@@ -434,14 +465,17 @@ class SharedMoeLoraModel(BaseTuner):
                     )
             elif _strip_model_prefix(key) not in biases:
                 problems.append(
-                    f"{saved_name(key)}: not a factor of this adapter (an adapter holds only the LoRA factors of its "
-                    f"target modules; base weights, lm_head and unknown keys are refused)"
+                    f"{saved_name(key)}: not a tensor of this adapter (an adapter holds only the LoRA factors of its "
+                    f"target modules and copies of its modules_to_save; base weights and unknown keys are refused)"
                 )
         missing = sorted(saved_name(k) for k in expected if k not in state_dict)
         if missing:
             problems.append(f"missing from the adapter: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if problems:
-            raise ValueError(f"adapter {adapter_name!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems))
+            raise AdapterLoadError(
+                f"adapter {adapter_name!r} does not fit the model; nothing was loaded:\n  " + "\n  ".join(problems)
+            )
+        check_finite({saved_name(k): v for k, v in state_dict.items()}, f"adapter {adapter_name!r}")
 
 
 COMBINATION_TYPES = ("cat", "linear")
@@ -468,24 +502,3 @@ def _trainable_bias_names(model: nn.Module, bias: str) -> set[str]:
     if bias == "lora_only":
         return {_strip_model_prefix(k) for k, _ in _lora_only_biases(model)}
     return set()
-
-
-def _undo_injection(peft_model: nn.Module, adapter_name: str) -> None:
-    """Take a failed load's adapter out again, so the caller's model is as it was before the load."""
-    tuner = getattr(peft_model, "base_model", peft_model)
-    if not isinstance(tuner, SharedMoeLoraModel):
-        return
-    for name, module in list(tuner.model.named_modules()):
-        if not isinstance(module, SharedMoeLoraLayer) or adapter_name not in module.scaling:
-            continue
-        if set(module.scaling) == {adapter_name}:
-            parent_name, _, child = name.rpartition(".")
-            setattr(tuner.model.get_submodule(parent_name) if parent_name else tuner.model, child, module.get_base_layer())
-        else:
-            module.delete_adapter(adapter_name)
-    tuner.peft_config.pop(adapter_name, None)
-    before = getattr(tuner, "_requires_grad_before_injection", None)
-    if before is not None and not any(isinstance(m, SharedMoeLoraLayer) for m in tuner.model.modules()):
-        for pname, param in tuner.model.named_parameters():
-            if pname in before:
-                param.requires_grad = before[pname]

@@ -1,0 +1,241 @@
+"""Loading is all or nothing: guards around the loading entry points that offer no tuner hook.
+
+- PEFT's `PeftModel.from_pretrained` and `PeftModel.load_adapter` inject the adapter's layers first
+  and read its tensors after. Our tuner checks those tensors (keys, shapes, values) before any is
+  written (`SharedMoeLoraModel.check_adapter_state_dict`), but by then the layers are in place. A
+  refused load must leave the model as it was, every earlier adapter included: the guard takes out
+  again exactly what the refused call added (its layers, its module copies, its config entry, the
+  base's `requires_grad` flags), and nothing that was there before it.
+- transformers' `model.load_adapter(dir)` and `AutoModelForCausalLM.from_pretrained(adapter_dir)`
+  inject the adapter with PEFT and then load *every* tensor of the file whose key names a model
+  parameter, base weights included (an `lm_head.weight` in an adapter file silently replaces the
+  model's), through no tuner hook. So, for our adapter type only, the file's keys are read (safetensors
+  header, no tensor data) and checked before transformers touches the model, and the loaded values
+  are checked after, with the same rollback on a refusal.
+
+The guards wrap these three methods once, at import; for any other adapter type they only pass the
+call through.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from ..config import PEFT_TYPE
+from ..factors import EXPERT_FACTORS
+from .layer import SharedMoeLoraLayer
+
+# Every key an adapter of ours may hold: expert factors, dense-linear factors, (with a `bias` setting
+# other than "none") trainable biases, and the copies of `modules_to_save` modules.
+FACTOR_SUFFIXES = tuple(f".{f}.weight" for f in EXPERT_FACTORS) + (".lora_A.weight", ".lora_B.weight")
+MODEL_PREFIX = "base_model.model."
+
+
+class AdapterLoadError(ValueError):
+    """An adapter refused on load; the message names the file or key and what was expected. Nothing was loaded."""
+
+
+def is_module_copy(key: str, modules_to_save: Optional[Iterable[str]]) -> bool:
+    """A saved `modules_to_save` copy: PEFT writes it under the module's own key (`lm_head.weight`)."""
+    module_path = key.removeprefix(MODEL_PREFIX).rpartition(".")[0]
+    return any(module_path == name or module_path.endswith("." + name) for name in modules_to_save or ())
+
+
+def check_adapter_keys(keys: Iterable[str], where: str, bias: str = "none",
+                       modules_to_save: Optional[Iterable[str]] = None) -> None:
+    """Refuse, naming them, keys that are not LoRA factors, declared trainable biases or module copies."""
+    bad = sorted(
+        k for k in keys
+        if not (k.endswith(FACTOR_SUFFIXES) or (bias != "none" and k.endswith("bias")) or is_module_copy(k, modules_to_save))
+    )
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise AdapterLoadError(
+            f"{where}: {shown} are not LoRA factors of a {PEFT_TYPE.value} adapter (expected keys ending in "
+            f"{FACTOR_SUFFIXES[0]}, ... or .lora_A.weight / .lora_B.weight, or a module listed in modules_to_save); "
+            f"loading would overwrite the base model's weights, so nothing was loaded"
+        )
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN / Inf values, naming the first keys that hold them."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterLoadError(f"{where}: {', '.join(sorted(bad)[:8])} hold NaN/Inf values; nothing was loaded")
+
+
+# ---- taking out what a refused load added --------------------------------------------------------
+
+
+class _Rollback:
+    """What `root` holds before a load, so that a refused load of `adapter_name` can be taken out again."""
+
+    def __init__(self, root: nn.Module, adapter_name: str) -> None:
+        self.root, self.adapter_name = root, adapter_name
+        self.had_adapter = any(_holds(m, adapter_name) for m in root.modules())
+        self.requires_grad = {id(p): p.requires_grad for p in root.parameters()}
+
+    def undo(self) -> None:
+        if self.had_adapter:
+            return  # loading into an existing adapter checks everything before its first write
+        for name, module in list(self.root.named_modules()):
+            if not _holds(module, self.adapter_name):
+                continue
+            names = set(module.scaling) if isinstance(module, SharedMoeLoraLayer) else set(module.modules_to_save)
+            if names == {self.adapter_name}:  # the load created this wrapper: put the module back
+                parent_name, _, child = name.rpartition(".")
+                parent = self.root.get_submodule(parent_name) if parent_name else self.root
+                setattr(parent, child, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module.original_module)
+            elif isinstance(module, SharedMoeLoraLayer):
+                module.delete_adapter(self.adapter_name)
+            else:
+                module.delete_adapter(self.adapter_name, [a for a in module.active_adapters if a != self.adapter_name])
+        for param in self.root.parameters():
+            if id(param) in self.requires_grad:
+                param.requires_grad = self.requires_grad[id(param)]
+
+
+def _holds(module: nn.Module, adapter_name: str) -> bool:
+    if isinstance(module, SharedMoeLoraLayer):
+        return adapter_name in module.scaling
+    return isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
+
+
+def _is_ours(peft_config: Any) -> bool:
+    values = peft_config if isinstance(peft_config, dict) else vars(peft_config) if peft_config is not None else {}
+    return values.get("peft_type") == PEFT_TYPE
+
+
+def _wrap(owner: type, name: str, guard: Callable) -> None:
+    original = inspect.getattr_static(owner, name)
+    function = original.__func__ if isinstance(original, classmethod) else original
+    if getattr(function, "_shared_moe_guard", False):
+        return
+    wrapped = functools.wraps(function)(guard(function, inspect.signature(function)))
+    wrapped._shared_moe_guard = True  # type: ignore[attr-defined]
+    setattr(owner, name, classmethod(wrapped) if isinstance(original, classmethod) else wrapped)
+
+
+def _peft_load_adapter_guard(load_adapter: Callable, signature: inspect.Signature) -> Callable:
+    def guarded(self, *args, **kwargs):
+        adapter_name = signature.bind(self, *args, **kwargs).arguments["adapter_name"]
+        had_config = adapter_name in self.peft_config
+        rollback = _Rollback(self.base_model.model, adapter_name)
+        try:
+            return load_adapter(self, *args, **kwargs)
+        except BaseException as error:
+            if not had_config and _is_ours(self.peft_config.get(adapter_name)):
+                rollback.undo()
+                self.peft_config.pop(adapter_name, None)
+            if isinstance(error, AdapterLoadError):  # name the adapter's folder, which the tuner's check cannot
+                raise AdapterLoadError(f"{signature.bind(self, *args, **kwargs).arguments['model_id']}: {error}") from None
+            raise
+
+    return guarded
+
+
+def _peft_from_pretrained_guard(from_pretrained: Callable, signature: inspect.Signature) -> Callable:
+    def guarded(cls, *args, **kwargs):
+        arguments = signature.bind(cls, *args, **kwargs).arguments
+        model = arguments["model"]
+        adapter_name = arguments.get("adapter_name", "default")
+        rollback = _Rollback(model, adapter_name)
+        try:
+            return from_pretrained(cls, *args, **kwargs)
+        except BaseException:
+            if any(isinstance(m, SharedMoeLoraLayer) and adapter_name in m.scaling for m in model.modules()):
+                rollback.undo()  # an adapter of ours was injected; other types are left to PEFT
+            raise
+
+    return guarded
+
+
+# ---- transformers' own loading ----------------------------------------------------------------------
+
+
+def _file_keys(directory: Path) -> Optional[list[str]]:
+    safetensors_file = directory / "adapter_model.safetensors"
+    if safetensors_file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(safetensors_file), framework="pt") as handle:
+            return list(handle.keys())
+    pickle_file = directory / "adapter_model.bin"
+    if pickle_file.is_file():
+        return list(torch.load(pickle_file, map_location="cpu", weights_only=True, mmap=True))
+    return None
+
+
+def _config_of(peft_config: Any, directory: Optional[Path]) -> Optional[dict]:
+    if peft_config is not None:
+        return peft_config if isinstance(peft_config, dict) else vars(peft_config)
+    config_file = directory / "adapter_config.json" if directory is not None else None
+    if config_file is not None and config_file.is_file():
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    return None
+
+
+def check_native_load(peft_model_id: Any, peft_config: Any, adapter_state_dict: Any, adapter_kwargs: Any) -> Optional[str]:
+    """The check transformers' `load_adapter` runs first. Returns where the adapter comes from (for the
+    value check after the load) for our adapter type, None for any other."""
+    directory = None
+    if peft_model_id is not None and Path(str(peft_model_id)).is_dir():
+        directory = Path(str(peft_model_id)) / ((adapter_kwargs or {}).get("subfolder") or "")
+    config = _config_of(peft_config, directory)
+    if config is None or config.get("peft_type") != PEFT_TYPE:
+        return None
+    bias, copies = config.get("bias", "none"), config.get("modules_to_save")
+    if adapter_state_dict is not None:
+        check_adapter_keys(adapter_state_dict, "adapter_state_dict", bias, copies)
+        return "adapter_state_dict"
+    keys = _file_keys(directory) if directory is not None else None
+    if keys is not None:
+        check_adapter_keys(keys, str(directory), bias, copies)
+    return str(directory or peft_model_id)
+
+
+def _transformers_load_adapter_guard(load_adapter: Callable, signature: inspect.Signature) -> Callable:
+    def guarded(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        where = check_native_load(arguments.get("peft_model_id"), arguments.get("peft_config"),
+                                  arguments.get("adapter_state_dict"), arguments.get("adapter_kwargs"))
+        if where is None:
+            return load_adapter(self, *args, **kwargs)
+        adapter_name = arguments.get("adapter_name") or "default"
+        rollback = _Rollback(self, adapter_name)
+        state_before = {k: vars(self)[k] for k in ("peft_config", "_hf_peft_config_loaded") if k in vars(self)}
+        configs_before = dict(state_before.get("peft_config") or {})
+        try:
+            result = load_adapter(self, *args, **kwargs)
+            check_finite({n: p for n, p in self.named_parameters() if adapter_name in n.split(".")}, where)
+            return result
+        except BaseException:
+            rollback.undo()
+            for key in ("peft_config", "_hf_peft_config_loaded"):
+                vars(self).pop(key, None)
+            vars(self).update(state_before)
+            if "peft_config" in state_before:
+                self.peft_config = configs_before
+            raise
+
+    return guarded
+
+
+def install_loading_guards() -> None:
+    from peft import PeftModel
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    _wrap(PeftModel, "from_pretrained", _peft_from_pretrained_guard)
+    _wrap(PeftModel, "load_adapter", _peft_load_adapter_guard)
+    _wrap(PeftAdapterMixin, "load_adapter", _transformers_load_adapter_guard)
