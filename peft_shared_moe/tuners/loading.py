@@ -184,23 +184,57 @@ def _config_of(peft_config: Any, directory: Optional[Path]) -> Optional[dict]:
     return None
 
 
-def check_native_load(peft_model_id: Any, peft_config: Any, adapter_state_dict: Any, adapter_kwargs: Any) -> Optional[str]:
-    """The check transformers' `load_adapter` runs first. Returns where the adapter comes from (for the
-    value check after the load) for our adapter type, None for any other."""
-    directory = None
-    if peft_model_id is not None and Path(str(peft_model_id)).is_dir():
-        directory = Path(str(peft_model_id)) / ((adapter_kwargs or {}).get("subfolder") or "")
-    config = _config_of(peft_config, directory)
-    if config is None or config.get("peft_type") != PEFT_TYPE:
-        return None
-    bias, copies = config.get("bias", "none"), config.get("modules_to_save")
-    if adapter_state_dict is not None:
-        check_adapter_keys(adapter_state_dict, "adapter_state_dict", bias, copies)
-        return "adapter_state_dict"
-    keys = _file_keys(directory) if directory is not None else None
-    if keys is not None:
-        check_adapter_keys(keys, str(directory), bias, copies)
-    return str(directory or peft_model_id)
+class NativeLoad:
+    """One call of transformers' `load_adapter` with an adapter of ours: its keys are checked before the
+    load (`check_keys`), its values and module copies after (`check_loaded`)."""
+
+    def __init__(self, peft_model_id: Any, peft_config: Any, adapter_state_dict: Any, adapter_kwargs: Any) -> None:
+        self.directory = None
+        if peft_model_id is not None and Path(str(peft_model_id)).is_dir():
+            self.directory = Path(str(peft_model_id)) / ((adapter_kwargs or {}).get("subfolder") or "")
+        self.config = _config_of(peft_config, self.directory)
+        self.state_dict = adapter_state_dict
+        self.where = "adapter_state_dict" if adapter_state_dict is not None else str(self.directory or peft_model_id)
+
+    @property
+    def is_ours(self) -> bool:
+        return self.config is not None and self.config.get("peft_type") == PEFT_TYPE
+
+    def keys(self) -> Optional[list[str]]:
+        if self.state_dict is not None:
+            return list(self.state_dict)
+        return _file_keys(self.directory) if self.directory is not None else None
+
+    def check_keys(self) -> None:
+        keys = self.keys()
+        if keys is not None:
+            check_adapter_keys(keys, self.where, self.config.get("bias", "none"), self.config.get("modules_to_save"))
+
+    def check_loaded(self, model: nn.Module, adapter_name: str) -> None:
+        """Every value finite, and every module copy really loaded: transformers before 5.2x loads a saved
+        `lm_head.weight` copy into nothing, which would leave the copy at the base's values."""
+        check_finite({n: p for n, p in model.named_parameters() if adapter_name in n.split(".")}, self.where)
+        copies = [k for k in self.keys() or () if is_module_copy(k, self.config.get("modules_to_save"))]
+        params = dict(model.named_parameters())
+        for key in copies:
+            module_path, _, param = key.removeprefix(MODEL_PREFIX).rpartition(".")
+            loaded = params.get(f"{module_path}.modules_to_save.{adapter_name}.{param}")
+            if loaded is None or not torch.equal(loaded.detach().cpu(), self._tensor(key).to(loaded.dtype)):
+                raise AdapterLoadError(
+                    f"{self.where}: {key}, a copy of a modules_to_save module, was not loaded by this transformers "
+                    f"version's load_adapter; load the adapter with peft.PeftModel.from_pretrained instead"
+                )
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        if self.state_dict is not None:
+            return self.state_dict[key]
+        safetensors_file = self.directory / "adapter_model.safetensors"
+        if safetensors_file.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(safetensors_file), framework="pt") as handle:
+                return handle.get_tensor(key)
+        return torch.load(self.directory / "adapter_model.bin", map_location="cpu", weights_only=True, mmap=True)[key]
 
 
 def _transformers_load_adapter_guard(load_adapter: Callable, signature: inspect.Signature) -> Callable:
@@ -208,17 +242,18 @@ def _transformers_load_adapter_guard(load_adapter: Callable, signature: inspect.
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
-        where = check_native_load(arguments.get("peft_model_id"), arguments.get("peft_config"),
-                                  arguments.get("adapter_state_dict"), arguments.get("adapter_kwargs"))
-        if where is None:
+        native = NativeLoad(arguments.get("peft_model_id"), arguments.get("peft_config"),
+                            arguments.get("adapter_state_dict"), arguments.get("adapter_kwargs"))
+        if not native.is_ours:
             return load_adapter(self, *args, **kwargs)
+        native.check_keys()
         adapter_name = arguments.get("adapter_name") or "default"
         rollback = _Rollback(self, adapter_name)
         state_before = {k: vars(self)[k] for k in ("peft_config", "_hf_peft_config_loaded") if k in vars(self)}
         configs_before = dict(state_before.get("peft_config") or {})
         try:
             result = load_adapter(self, *args, **kwargs)
-            check_finite({n: p for n, p in self.named_parameters() if adapter_name in n.split(".")}, where)
+            native.check_loaded(self, adapter_name)
             return result
         except BaseException:
             rollback.undo()

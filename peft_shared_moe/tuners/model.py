@@ -437,6 +437,9 @@ class SharedMoeLoraModel(BaseTuner):
         # Every rank must call save_pretrained (is_main_process picks the writer); one that saves alone gets
         # IncompleteSaveError after a short wait instead of blocking in the gather.
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # PEFT drops another adapter's tensors when its name follows a tuner attribute (`lora_A.<name>`); an experts
+        # factor's name follows two (`w1.lora_A.<name>`), so the other adapters' factors are dropped here.
+        selected = {k: v for k, v in selected.items() if ".lora_" not in k or k.split(".")[-2] == adapter_name}
         return gather_for_save(selected)
 
     @classmethod
