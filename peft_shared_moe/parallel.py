@@ -130,10 +130,17 @@ class Sharding:
         placements = [Replicate() if dim is None else Shard(dim)]
         return distribute_tensor(full.contiguous(), self.mesh, placements, src_data_rank=0)
 
+    @property
+    def splits_compute(self) -> bool:
+        """The module's work is split over the ranks (its factors' gradients are partial on each), as
+        opposed to a module the plan leaves whole, which every rank runs in full on the same batch."""
+        return self.style != "replicated"
+
     def local_for_compute(self, param: torch.Tensor) -> torch.Tensor:
-        """The local shard a forward computes with; a replicated factor's gradient is summed over ranks."""
+        """The local shard a forward computes with; a replicated factor of a split module gets a partial
+        gradient on each rank, which is summed over them."""
         shard = local(param)
-        if is_replicated(param) and torch.is_grad_enabled() and param.requires_grad:
+        if self.splits_compute and is_replicated(param) and torch.is_grad_enabled() and param.requires_grad:
             shard = SumGradOver.apply(shard, self.group)
         return shard
 
@@ -165,6 +172,15 @@ def _model_parallel_part(param: torch.Tensor, where: str):
 
 def _placement_name(p) -> str:
     return type(p).__name__
+
+
+def model_parallel_mesh(model: nn.Module):
+    """(mesh, data mesh) of the first parameter split for tensor / expert parallelism, or None."""
+    for name, param in model.named_parameters():
+        if is_dtensor(param) and not is_data_parallel_shard(param):
+            mesh, _, data_mesh = _model_parallel_part(param, name)
+            return mesh, data_mesh
+    return None
 
 
 def data_parallel_mesh(model: nn.Module):

@@ -1,8 +1,9 @@
 """One rank of a tensor- or expert-parallel run for tests/test_parallel.py, started by torchrun.
 
 Every rank builds the same adapter on one device (the reference) and on the model transformers
-shards (`mode`: "tp" = tp_plan="auto", "tp_config" = DistributedConfig(tp_size=N), "ep" = expert
-parallel, "fsdp_config" / "ep_fsdp" / "tp_fsdp" = FSDP alone, with EP, with TP; see `parallel_kwargs`), then compares, in float32: logits, adapter gradients, the adapter after 3 AdamW steps,
+shards (`mode`: "tp" = tp_plan="auto", "tp_config" = DistributedConfig(tp_size=N) (transformers >= 5.25
+leaves the experts whole there), "tp_experts" = experts split along I as well, "ep" = expert parallel,
+"ep_all_reduce" = expert parallel on one batch, "fsdp_config" / "ep_fsdp" / "tp_fsdp" = FSDP alone, with EP, with TP; see `parallel_kwargs`), then compares, in float32: logits, adapter gradients, the adapter after 3 AdamW steps,
 greedy generate, and the adapter saved from the sharded model reloaded on one device. It writes
 the measured differences to `out_dir/rank{r}.json`; the test asserts on them.
 """
@@ -19,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import transformers
+from packaging.version import Version
 from peft import PeftModel, get_peft_model
 
 from peft_shared_moe import SharedMoeLoraConfig
@@ -41,6 +43,14 @@ def parallel_kwargs(mode: str, world: int) -> dict:
         return {"distributed_config": DistributedConfig(fsdp_size=world, ep_size=world)}
     if mode == "tp_fsdp":  # a 2D (fsdp, tp) mesh: TP pairs, data parallel across them
         return {"distributed_config": DistributedConfig(tp_size=2, fsdp_size=world // 2)}
+    if mode == "tp_experts":  # experts split along I too: the default plan before 5.25, asked for explicitly after
+        if Version(transformers.__version__) < Version("5.25"):
+            return {"distributed_config": DistributedConfig(tp_size=world)}
+        plan = {"layers.*.mlp.experts.gate_up_proj": "packed_colwise", "layers.*.mlp.experts.down_proj": "rowwise",
+                "layers.*.mlp.experts": "moe_tp_experts"}
+        return {"distributed_config": DistributedConfig(tp_size=world, tp_plan={f"model.{k}": v for k, v in plan.items()})}
+    if mode == "ep_all_reduce":  # every rank the whole batch, routes to other ranks' experts masked (>= 5.24)
+        return {"distributed_config": DistributedConfig(tp_size=world, ep_size=world, ep_implementation="all_reduce")}
     if mode == "ep":
         fields = DistributedConfig.__dataclass_fields__
         if "ep_size" in fields:  # transformers >= 5.21: experts on an EP mesh, attention tensor parallel
@@ -105,7 +115,7 @@ def refusals(base_path: str, out_dir: str) -> dict:
         save_random_model(qwen3_moe_config(moe_intermediate_size=15), uneven_path)
     dist.barrier()
     cases = {
-        "uneven": (uneven_path, {"tp_plan": "auto"}, SharedMoeLoraConfig(r=4)),
+        "uneven": (uneven_path, parallel_kwargs("tp_experts", dist.get_world_size()), SharedMoeLoraConfig(r=4)),
         "dropout": (base_path, {"tp_plan": "auto"}, SharedMoeLoraConfig(r=4, lora_dropout=0.1)),
     }
     from transformers.distributed import DistributedConfig

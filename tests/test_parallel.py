@@ -21,7 +21,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ["tp", "tp_config", "ep", "fsdp_config"]
+MODES = ["tp", "tp_config", "tp_experts", "ep", "ep_all_reduce", "fsdp_config"]
 
 
 def run_ranks(mode: str, base_path: str, out: Path, gpus: bool, ranks: int = 2) -> list[dict]:
@@ -65,8 +65,16 @@ def check(results: list[dict], ranks: int = 2) -> None:
     assert results[0]["reloaded_logits_rel"] <= 1e-5
 
 
+def skip_unless_available(mode: str) -> None:
+    from transformers.distributed import DistributedConfig
+
+    if mode == "ep_all_reduce" and "ep_implementation" not in DistributedConfig.__dataclass_fields__:
+        pytest.skip("DistributedConfig(ep_implementation=...) is transformers >= 5.24")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_parallel_on_two_cpu_processes(mode, qwen3_path, tmp_path):
+    skip_unless_available(mode)
     check(run_ranks(mode, qwen3_path, tmp_path, gpus=False))
 
 
@@ -107,6 +115,7 @@ def test_unfollowable_layouts_are_refused(qwen3_path, tmp_path):
 def test_parallel_on_two_gpus(mode, qwen3_path, tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
+    skip_unless_available(mode)
     check(run_ranks(mode, qwen3_path, tmp_path, gpus=True))
 
 

@@ -174,6 +174,19 @@ class SharedMoeLoraLayer(BaseTunerLayer):
             groups.setdefault(key, []).extend(range(sample * rows_per_name, (sample + 1) * rows_per_name))
         return [(name, torch.tensor(rows, dtype=torch.long, device=device)) for name, rows in groups.items()]
 
+    def replicate_on(self, mesh) -> None:
+        """A module the parallel plan leaves whole, in a tensor / expert parallel model: every rank runs it in
+        full, so its factors become replicated DTensors on `mesh` (rank 0's values), like every other factor
+        of the model, so one optimizer steps them all (torch's multi-tensor kernels refuse plain tensors
+        beside DTensors). Each rank computes their full gradient; nothing is summed over `mesh`."""
+        self.sharding = Sharding(mesh, {}, "replicated")
+        for adapter_name in self.scaling:
+            for name in self.adapter_layer_names:
+                holder = getattr(self, name)[adapter_name]
+                if not is_dtensor(holder.weight):
+                    placed = self.sharding.distribute(name, holder.weight.detach())
+                    holder.weight = nn.Parameter(placed, requires_grad=holder.weight.requires_grad)
+
     def factor_params(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """Factor name (ending in lora_A / lora_B) -> this adapter's parameter on this layer."""
         return {name: getattr(self, name)[adapter_name].weight for name in self.adapter_layer_names}
@@ -353,7 +366,7 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         active = self._active_here()
         if self.merged or not active:
             return base(hidden_states, top_k_index, top_k_weights)
-        if self.sharding is not None:
+        if self.sharding is not None and self.sharding.splits_compute:
             return self._forward_in_parallel_engine(base, hidden_states, top_k_index, top_k_weights, active)
         lora = self.combined_factors(active)
         return run_experts(base, self.layout, hidden_states, top_k_index, top_k_weights, lora, self.backend[active[0]])
@@ -521,18 +534,6 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
         if self.sharding.style == "rowwise":
             return F.linear(SumOver.apply(F.linear(x, A), self.sharding.group), B)
         return F.linear(F.linear(x, A), B)  # "replicated": a whole linear, the same batch on every rank
-
-    def replicate_on(self, mesh) -> None:
-        """A linear the parallel plan leaves whole, in a tensor / expert parallel model: its factors become
-        replicated DTensors on `mesh` (rank 0's values), like every other factor of the model, so one
-        optimizer steps them all (torch's multi-tensor kernels refuse plain tensors beside DTensors)."""
-        self.sharding = Sharding(mesh, {}, "replicated")
-        for adapter_name in self.scaling:
-            for factor in ("lora_A", "lora_B"):
-                module = getattr(self, factor)[adapter_name]
-                if not is_dtensor(module.weight):
-                    placed = self.sharding.distribute(factor, module.weight.detach())
-                    module.weight = nn.Parameter(placed, requires_grad=module.weight.requires_grad)
 
     def __repr__(self) -> str:
         return "shared_moe_lora." + super().__repr__()

@@ -24,6 +24,7 @@ from ..parallel import (
     is_dtensor,
     linear_sharding,
     local,
+    model_parallel_mesh,
     recast_parameter,
 )
 from .layer import BASE_NAME, ExpertsLoraLayer, LinearLoraLayer, SharedMoeLoraLayer
@@ -104,16 +105,12 @@ def attention_projections(model: nn.Module) -> set[str]:
 
 def _check_whole_targets(model: nn.Module, targets: dict[str, str], split: dict[str, bool],
                          config: SharedMoeLoraConfig) -> None:
-    """In a tensor / expert parallel model, targets the plan leaves whole run on the same batch on every
-    rank (unless FSDP alone shards them): their factors are replicas, which must stay identical."""
-    if not any(split.values()):
+    """In a tensor / expert parallel model, targets the plan leaves whole (transformers >= 5.25 leaves the
+    experts whole under tensor parallelism) run on the same batch on every rank, unless FSDP alone shards
+    them: their factors are replicas, which must stay identical."""
+    if not any(split.values()) and model_parallel_mesh(model) is None:
         return
     whole = [k for k in targets if not split[k]]
-    experts = [k for k in whole if targets[k] == "experts"]
-    if experts:
-        raise ParallelLayoutError(
-            f"cannot adapt {experts[0]!r}: an experts block left whole in a tensor / expert parallel model is not supported"
-        )
     if whole and config.lora_dropout and data_parallel_mesh(model) is None:
         raise ParallelLayoutError(
             f"cannot adapt {whole[0]!r}: lora_dropout={config.lora_dropout} on a linear every rank runs on the same "
@@ -168,29 +165,43 @@ def shard_like_model(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> d
 def _align_replicas(model: nn.Module, adapter_name: str) -> None:
     """In a parallel model every replica starts from rank 0's values and takes the same steps.
 
-    Under tensor / expert parallelism every factor is a DTensor (placed from rank 0), a linear the
-    plan leaves whole included; on a 2D (fsdp, tp) mesh the FSDP ranks of one TP slice also start
-    alike and average their gradients. Under FSDP alone (transformers' `fsdp_size`, which shards the
-    model before the adapter exists and so never manages it) the factors stay plain tensors,
-    broadcast, with averaged gradients.
+    Under tensor / expert parallelism every factor is a DTensor (placed from rank 0), a target the plan
+    leaves whole included (docs/PARALLEL.md):
+    - tensor parallel (alone or on an (fsdp, tp) mesh): the TP ranks run a whole target on the same batch,
+      so its factors are replicated over the TP mesh, each rank computing their full gradient; the FSDP
+      ranks of a 2D mesh start alike and average their gradients;
+    - expert parallel with FSDP (`fsdp_size` + `ep_size`): a whole linear is an FSDP shard and every rank
+      has its own batch: replicated over the FSDP mesh, gradients averaged;
+    - expert parallel alone (transformers 5.17): attention is whole on every rank, on the same batch.
+    Under FSDP alone (transformers' `fsdp_size`, which shards the model before the adapter exists and so
+    never manages it) the factors stay plain tensors, broadcast, with averaged gradients.
     """
     layers = [m for m in model.modules() if isinstance(m, SharedMoeLoraLayer) and adapter_name in m.scaling]
-    shardings = [m.sharding for m in layers if m.sharding is not None]
-    if not shardings:
-        fsdp_mesh = data_parallel_mesh(model)
-        if fsdp_mesh is not None:
-            plain = [p for m in layers for p in m.factor_params(adapter_name).values()]
-            broadcast_replicas(plain, fsdp_mesh)
-            average_grads_over(plain, fsdp_mesh)
-        return
-    # Linears the plan leaves whole: the same batch on every rank, unless FSDP alone shards them
-    # (expert parallel with FSDP), where each rank has its own batch and they average their gradients.
+    split = [m.sharding for m in layers if m.sharding is not None and m.sharding.splits_compute]
+    tensor_parallel = [s for s in split if not s.expert_parallel]
+    if tensor_parallel:
+        mesh, data_mesh = tensor_parallel[0].mesh, tensor_parallel[0].data_mesh
+    elif split:
+        mesh, data_mesh = split[0].mesh, None
+    else:
+        mesh, data_mesh = model_parallel_mesh(model) or (None, None)
     dense_fsdp_mesh = data_parallel_mesh(model)
+    if mesh is None:
+        if dense_fsdp_mesh is not None:
+            plain = [p for m in layers for p in m.factor_params(adapter_name).values()]
+            broadcast_replicas(plain, dense_fsdp_mesh)
+            average_grads_over(plain, dense_fsdp_mesh)
+        return
     for layer in layers:
-        if layer.sharding is None:  # a linear (`find_targets` refused experts left whole)
-            layer.replicate_on(dense_fsdp_mesh or shardings[0].mesh)
-            if dense_fsdp_mesh is not None:
-                layer.sharding = replace(layer.sharding, data_mesh=dense_fsdp_mesh, data_divisor=dense_fsdp_mesh.size())
+        if layer.sharding is not None:
+            continue
+        if not tensor_parallel and dense_fsdp_mesh is not None:  # expert parallel with FSDP
+            layer.replicate_on(dense_fsdp_mesh)
+            layer.sharding = replace(layer.sharding, data_mesh=dense_fsdp_mesh, data_divisor=dense_fsdp_mesh.size())
+        else:
+            layer.replicate_on(mesh)
+            if data_mesh is not None:
+                layer.sharding = replace(layer.sharding, data_mesh=data_mesh, data_divisor=data_mesh.size())
     for layer in layers:
         if layer.sharding.data_mesh is not None:
             factors = list(layer.factor_params(adapter_name).values())
