@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory for the merged checkpoint (never the base, the adapter or inside them)")
     merge.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                        help="dtype to load and save the model in (default: the checkpoint's)")
+    merge.add_argument("--allow-other-architecture", action="store_true",
+                       help="merge even if the adapter records another base class than MODEL's architecture")
     return parser
 
 
@@ -158,7 +160,8 @@ def _run(args: argparse.Namespace) -> None:
                               shared_outer=SHARED_CHOICES[args.shared_outer], overwrite=args.force, **common)
         print(f"{args.dst}: {args.tp} {args.format} shards written (rank0 ... rank{args.tp - 1})")
     elif args.command == "merge":
-        formats.merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.force, **common)
+        formats.merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.force,
+                              allow_other_architecture=args.allow_other_architecture, **common)
         print(f"{args.out}: merged checkpoint written")
 
 

@@ -175,3 +175,20 @@ def test_a_closed_pipe_ends_quietly(shared_native):
     stderr = child.stderr.read().decode()
     assert child.wait() == 141, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_merge_refuses_an_adapter_of_another_architecture(shared_native, qwen3_path, tmp_path, capsys):
+    """Shapes alike, classes not: the adapter records the class it was trained on (PEFT's auto_mapping)."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(shared_native.path, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["auto_mapping"]["base_model_class"] == "Qwen3MoeForCausalLM"
+    config["auto_mapping"]["base_model_class"] = "MixtralForCausalLM"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", qwen3_path, "--adapter", str(adapter), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "MixtralForCausalLM" in err and "Qwen3MoeForCausalLM" in err and "--allow-other-architecture" in err
+    assert not out.exists() and not leftovers(tmp_path)
+    assert main(argv + ["--allow-other-architecture"]) == 0 and (out / "config.json").is_file()

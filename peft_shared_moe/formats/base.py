@@ -96,3 +96,22 @@ def base_modules(base: BaseSpec, targets: list[str]) -> dict[str, Union[ExpertDi
 
 def _name(base: BaseSpec) -> str:
     return type(base).__name__ if isinstance(base, PretrainedConfig) else str(base)
+
+
+def check_architecture(adapter_config: dict, base: BaseSpec, where: str) -> None:
+    """Refuse an adapter whose config records another base class than the base's own architectures.
+
+    PEFT records the class it wrapped (`auto_mapping.base_model_class`) for adapters without a task
+    type. Shapes alone cannot tell a Mixtral adapter from a GPT-OSS one when the sizes agree, and the
+    two place gate/up differently, so a merge across architectures would be silently wrong.
+    """
+    mapping = adapter_config.get("auto_mapping")
+    recorded = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    architectures = getattr(load_base_config(base), "architectures", None) or []
+    if isinstance(recorded, str) and architectures and recorded not in architectures:
+        raise AdapterFormatError(
+            f"{where}: the adapter was trained on {recorded} (auto_mapping.base_model_class), but the base is "
+            f"{', '.join(architectures)}; pass --allow-other-architecture (allow_other_architecture=True) if that is "
+            f"really meant"
+        )
+

@@ -6,8 +6,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from .base import check_architecture
 from .convert import prepare_write, write_inputs, write_prepared
-from .io import WORK_MARK, PathLike, atomic_directory, check_destination
+from .io import WORK_MARK, PathLike, atomic_directory, check_destination, read_json_object
 
 # Files of the base model directory worth carrying beside the merged weights, so the output serves as is.
 TOKENIZER_FILES = (
@@ -31,13 +32,15 @@ def merge_adapter(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: Optional[bool] = None,
+    allow_other_architecture: bool = False,
 ) -> Path:
     """Load `base` (a local model directory) with `adapter` (native or any layout `import_adapter`
     accepts), merge, and save to `out` a checkpoint that `from_pretrained` loads with the adapter's logits.
 
     The adapter always goes through the import path with the base as reference, so a misfit is
     reported by key before the model is loaded. `dtype`: "auto" (the checkpoint's, default),
-    "float32", "bfloat16" or "float16".
+    "float32", "bfloat16" or "float16". An adapter that records another base class than the base's
+    architecture is refused unless `allow_other_architecture`.
     """
     import torch
     from peft import PeftModel
@@ -52,6 +55,9 @@ def merge_adapter(
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     inputs = write_inputs(adapter, base_dir)
     check_destination(out, overwrite, inputs)
+    config_file = Path(adapter) / "adapter_config.json"
+    if not allow_other_architecture and config_file.is_file():
+        check_architecture(read_json_object(config_file), base_dir, str(config_file))
     # Every input is read and checked before the first write: the adapter (against the base), then the base.
     job = prepare_write(adapter, "native", base=base_dir, allow_pickle=allow_pickle, progress=progress)
     torch_dtype = "auto" if dtype in (None, "auto") else getattr(torch, dtype)
