@@ -52,7 +52,12 @@ LOADING_NOTE = (
 BIAS_CHOICES = ("none", "all", "lora_only")
 # init_lora_weights values: what our tuner implements, and what a plain LoRA adapter may declare and
 # still be a pure delta on the original base (other strings, e.g. "pissa", rewrite the base weights).
-SHARED_MOE_INITS = (True, False)
+# PEFT's other LoRA inits are refused: "pissa", "olora", "corda", "loftq" rewrite the base weights (the
+# adapter stops being a delta on the original base, which serving engines load it onto); "eva" needs
+# activations of a data loader, "orthogonal" and "nora" are defined for one 2D weight, not for factors a
+# layer's experts share.
+SHARED_MOE_INITS = (True, False, "gaussian")
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
 LORA_INITS = (True, False, "gaussian")
 
 # rank_pattern / alpha_pattern keys are regular expressions that PEFT matches (with Python's
@@ -125,6 +130,10 @@ def _is_positive_number(value: Any) -> bool:
     return _is_number(value) and value > 0
 
 
+def _is_layer_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _is_optional_str(value: Any) -> bool:
     return value is None or isinstance(value, str)
 
@@ -159,6 +168,11 @@ _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "task_type": (lambda v: v is None or _one_of(tuple(t.value for t in TaskType))(v),
                   f"null or one of {[t.value for t in TaskType]}"),
     "base_model_name_or_path": (_is_optional_str, "null or a string"),
+    "layers_to_transform": (lambda v: v is None or _is_layer_index(v) or (
+        isinstance(v, (list, tuple)) and bool(v) and all(_is_layer_index(i) for i in v)),
+        "null, a layer index or a non-empty list of layer indexes (integers >= 0)"),
+    "layers_pattern": (lambda v: v is None or (isinstance(v, str) and bool(v)) or _is_names(v),
+                       "null, a name or a non-empty list of names"),
 }
 _PATTERNS = {"rank_pattern": (_is_positive_int, "a positive integer"),
              "alpha_pattern": (_is_positive_number, "a finite positive number")}
@@ -184,8 +198,16 @@ def validate_lora_fields(
         why = " (it rewrites the base weights, so the adapter is no longer a delta on the original base)"
         raise ConfigError(
             f"{where}: init_lora_weights must be one of {list(inits)}, found {value!r}"
-            + (why if isinstance(value, str) else "")
+            + (why if value in BASE_REWRITING_INITS else "")
         )
+    patterns = values.get("layers_pattern")
+    for pattern in [patterns] if isinstance(patterns, str) else patterns or ():
+        problem = pattern_problem(pattern)
+        if problem:
+            raise ConfigError(f"{where}: layers_pattern {pattern[:80]!r} is refused: it {problem}")
+    if isinstance(values.get("target_modules"), str) and values.get("layers_to_transform") is not None:
+        # as PEFT >= 0.22 rules: a str target (a regex for PEFT, a keyword here) with layer indexes is ambiguous
+        raise ConfigError(f"{where}: layers_to_transform cannot be used when target_modules is a str; give a list")
     for key, (check, expected) in _PATTERNS.items():
         pattern = values.get(key)
         if pattern is None:
@@ -240,9 +262,20 @@ class SharedMoeLoraConfig(PeftConfig):
         },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of dense-linear LoRA only."})
-    init_lora_weights: bool = field(
+    init_lora_weights: Union[bool, Literal["gaussian"]] = field(
         default=True,
-        metadata={"help": "True: A random (Kaiming-uniform), B zero, so a fresh adapter is the identity. False: both random."},
+        metadata={"help": "True: A random (Kaiming-uniform), B zero, so a fresh adapter is the identity. 'gaussian': "
+                          "A ~ N(0, 1/r), B zero, as PEFT's LoRA. False: both random (tests)."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Adapt only the targets in these decoder layers, as PEFT's LoRA: the index is the number "
+                          "after `layers_pattern` in the module path (e.g. model.layers.7.mlp.experts)."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "The name of the layer list `layers_to_transform` counts in (e.g. 'layers'); None: the "
+                          "first number in the path."},
     )
     backend: Literal["auto", "torch", "loop", "triton", "torch_fused"] = field(
         default="auto",
@@ -302,6 +335,19 @@ class SharedMoeLoraConfig(PeftConfig):
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+
+    def in_selected_layers(self, key: str) -> bool:
+        """Whether the module at path `key` lies in a layer `layers_to_transform` selects (PEFT's matching)."""
+        indexes = self.layers_to_transform
+        if indexes is None:
+            return True
+        indexes = {indexes} if isinstance(indexes, int) else set(indexes)
+        patterns = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
+        return match is not None and int(match["idx"]) in indexes
 
     def resolved_target_modules(self) -> list[str]:
         """The explicit target names, with the None / 'all-linear' shorthand expanded."""

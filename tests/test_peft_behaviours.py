@@ -247,3 +247,75 @@ def test_mixed_batch_errors_are_peft_loras(qwen3_path, adapter_names, train):
     expected = _mixed_error(theirs, adapter_names, train)
     assert expected is not None
     assert _mixed_error(ours, adapter_names, train) is expected
+
+
+# ---- PEFT 0.22's tuner contract ----------------------------------------------------------------
+
+
+def test_layers_to_transform_selects_decoder_layers(qwen3_path):
+    for pattern in (None, "layers"):
+        model = get_peft_model(load(qwen3_path), SharedMoeLoraConfig(
+            r=4, target_modules=["experts", "q_proj"], layers_to_transform=[2], layers_pattern=pattern))
+        adapted = sorted(n for n, m in model.named_modules() if isinstance(m, (ExpertsLoraLayer, LinearLoraLayer)))
+        assert adapted == ["base_model.model.model.layers.2.mlp.experts", "base_model.model.model.layers.2.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="in the layers layers_to_transform=1 selects has no fused experts"):  # dense
+        get_peft_model(load(qwen3_path), SharedMoeLoraConfig(r=4, target_modules=["experts"], layers_to_transform=1))
+    with pytest.raises(ValueError, match="cannot be used when .?target_modules.? is a str"):  # PEFT 0.22 says it first
+        SharedMoeLoraConfig(target_modules="all-linear", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="layers_pattern.*repeats a group"):
+        SharedMoeLoraConfig(target_modules=["experts"], layers_to_transform=[0], layers_pattern="(a+)+")
+    with pytest.raises(ValueError, match="layers_to_transform must be"):
+        SharedMoeLoraConfig(target_modules=["experts"], layers_to_transform=[-1])
+
+
+def test_gaussian_init_and_refused_inits(qwen3_path):
+    model = get_peft_model(load(qwen3_path), SharedMoeLoraConfig(r=4, init_lora_weights="gaussian"))
+    a_factors = [p for n, p in model.named_parameters() if "lora_A" in n]
+    assert all(p.abs().sum() > 0 for p in a_factors)
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)  # the identity
+    std = torch.cat([p.flatten() for p in a_factors]).std().item()
+    assert abs(std - 1 / 4) < 0.02  # N(0, 1/r), as PEFT's LoRA
+    for init in ("pissa", "olora", "loftq", "eva", "corda", "orthogonal", "nora"):
+        with pytest.raises(ValueError, match="init_lora_weights must be one of"):
+            SharedMoeLoraConfig(init_lora_weights=init)
+
+
+@pytest.mark.skipif(not hasattr(LinearLoraLayer, "get_additive_delta"), reason="PEFT >= 0.22")
+def test_get_additive_delta(qwen3_path):
+    model = trained(get_peft_model(load(qwen3_path), SharedMoeLoraConfig(r=4)))
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    before = q_proj.get_base_layer().weight.detach().clone()
+    delta = q_proj.get_additive_delta("default")
+    model.merge_adapter()
+    torch.testing.assert_close(before + delta, q_proj.get_base_layer().weight, rtol=0, atol=1e-6)
+    model.unmerge_adapter()
+    with pytest.raises(NotImplementedError, match="two base weights"):
+        model.base_model.model.model.layers[0].mlp.experts.get_additive_delta("default")
+
+
+@pytest.mark.skipif(not hasattr(LinearLoraLayer, "set_training"), reason="PEFT >= 0.22")
+def test_set_training_reaches_every_adapter_module(qwen3_path):
+    model = get_peft_model(load(qwen3_path), SharedMoeLoraConfig(r=4, lora_dropout=0.1))
+    layers = [m for m in model.modules() if isinstance(m, (ExpertsLoraLayer, LinearLoraLayer))]
+    for training in (False, True):
+        for layer in layers:
+            layer.set_training("default", training)
+        dropouts = [m.lora_dropout["default"] for m in layers if isinstance(m, LinearLoraLayer)]
+        assert dropouts and all(d.training is training for d in dropouts)
+        factors = [m.factor_dict("w1.lora_A")["default"] for m in layers if isinstance(m, ExpertsLoraLayer)]
+        assert factors and all(f.training is training for f in factors)
+
+
+@pytest.mark.skipif("strict_adapter_check" not in inspect.signature(PeftModel.load_adapter.__wrapped__).parameters,
+                    reason="PEFT >= 0.22")
+@pytest.mark.parametrize("strictness", ["ignore", "warn", "error"])
+def test_strict_adapter_check_never_lets_a_base_weight_in(qwen3_path, tmp_path, strictness):
+    """PEFT's strict_adapter_check reports keys after loading; ours refuses them before, whatever it says."""
+    model = get_peft_model(load(qwen3_path), SharedMoeLoraConfig(r=4))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(64, 32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        model.load_adapter(tmp_path, adapter_name="other", strict_adapter_check=strictness)
+    assert "other" not in model.peft_config

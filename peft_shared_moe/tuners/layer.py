@@ -43,6 +43,18 @@ def _uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
         return tensor.uniform_(-bound, bound)
 
 
+def _init_factor(weight: torch.Tensor, is_a: bool, fan_in: int, config: SharedMoeLoraConfig) -> None:
+    """PEFT's LoRA initialisation: B zero (a fresh adapter is the identity), A Kaiming-uniform or, with
+    "gaussian", N(0, 1/r); init_lora_weights=False draws B like A."""
+    if not is_a and config.init_lora_weights is not False:
+        nn.init.zeros_(weight)
+    elif is_a and config.init_lora_weights == "gaussian":
+        with torch.no_grad():
+            weight.normal_(0.0, 1.0 / config.r)
+    else:
+        _uniform_(weight, fan_in)
+
+
 def _storage(base: nn.Module, param_name: str) -> torch.Tensor:
     """A base parameter's data, as this rank's shard when it is a DTensor: merges write shard by shard."""
     return local(getattr(base, param_name).data)
@@ -296,10 +308,7 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
         for factor in EXPERT_FACTORS:
             shape = factor_shape(factor, num_experts, hidden, inter, config.r, config.shared_outer)
             weight = torch.empty(shape, dtype=base_param.dtype, device=base_param.device)
-            if factor.endswith("lora_B") and config.init_lora_weights:
-                nn.init.zeros_(weight)
-            else:
-                _uniform_(weight, fan_in(factor, hidden, inter, config.r))
+            _init_factor(weight, factor.endswith("lora_A"), fan_in(factor, hidden, inter, config.r), config)
             if self.sharding is not None:
                 weight = self.sharding.distribute(factor, weight)
             self.factor_dict(factor)[adapter_name] = ExpertFactor(weight)
@@ -344,6 +353,13 @@ class ExpertsLoraLayer(nn.Module, SharedMoeLoraLayer):
             return torch.cat([t.to(dtype) for t in tensors], dim=1 if factor.endswith("lora_A") else 2)
 
         return ExpertLoraFactors({f: cat(f) for f in EXPERT_FACTORS}, scaling=1.0)
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        raise NotImplementedError(
+            f"{type(self.get_base_layer()).__name__}: an experts block has two base weights (gate_up_proj and "
+            f"down_proj), not the one W' - W that get_additive_delta returns; delta_by_base_param({adapter_name!r}) "
+            f"gives both"
+        )
 
     def delta_by_base_param(self, adapter_name: str) -> dict[str, torch.Tensor]:
         f = self.factors(adapter_name)
@@ -439,11 +455,8 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
         dtype, device = weight.dtype, weight.device
         lora_A = nn.Linear(base.in_features, config.r, bias=False, device=device, dtype=dtype)
         lora_B = nn.Linear(config.r, base.out_features, bias=False, device=device, dtype=dtype)
-        _uniform_(lora_A.weight, base.in_features)
-        if config.init_lora_weights:
-            nn.init.zeros_(lora_B.weight)
-        else:
-            _uniform_(lora_B.weight, config.r)
+        _init_factor(lora_A.weight, True, base.in_features, config)
+        _init_factor(lora_B.weight, False, config.r, config)
         if self.sharding is not None:
             for factor, module in (("lora_A", lora_A), ("lora_B", lora_B)):
                 module.weight = nn.Parameter(self.sharding.distribute(factor, module.weight.detach()))
@@ -456,6 +469,10 @@ class LinearLoraLayer(nn.Module, SharedMoeLoraLayer):
     def delta_by_base_param(self, adapter_name: str) -> dict[str, torch.Tensor]:
         A, B = (self._local_factor(m[adapter_name].weight) for m in (self.lora_A, self.lora_B))
         return {"weight": self.scaling[adapter_name] * (B @ A)}  # this rank's shard of the weight, if split
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        # PEFT >= 0.22's W' - W (for convert_to_lora), in the adapter's dtype
+        return self.delta_by_base_param(adapter_name)["weight"]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()

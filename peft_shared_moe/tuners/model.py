@@ -51,6 +51,8 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
             continue
         if isinstance(module, BaseTunerLayer):
             inside_adapter.append(key + ".")
+        if not config.in_selected_layers(key):
+            continue
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         if EXPERTS_TARGET in names and (sharded := _experts_sharded(key, base)) is not None:
             targets[key], split[key] = "experts", sharded
@@ -73,14 +75,17 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
             )
         targets[key], split[key] = "linear", _linear_sharded(key, base, config)
         matched.update(hits)
+    where = type(model).__name__
+    if config.layers_to_transform is not None:
+        where += f" in the layers layers_to_transform={config.layers_to_transform} selects"
     if EXPERTS_TARGET in names and EXPERTS_TARGET not in matched:
         raise ValueError(
-            f"target 'experts' was asked for, but {type(model).__name__} has no fused experts block "
+            f"target 'experts' was asked for, but {where} has no fused experts block "
             f"(a module with gate_up_proj [E, 2I, H], down_proj [E, H, I] and act_fn)"
         )
     unmatched = [n for n in names if n not in matched]
     if unmatched:
-        raise ValueError(f"target_modules {unmatched} matched no module of {type(model).__name__}")
+        raise ValueError(f"target_modules {unmatched} matched no module of {where}")
     _check_whole_targets(model, targets, split, config)
     return targets
 
