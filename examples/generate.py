@@ -57,7 +57,8 @@ def main() -> None:
     args = p.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    base = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True)
+    # use_kernels=False: offline, transformers >= 5.25 would try to fetch hub kernels for a CUDA model
+    base = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, use_kernels=False)
     model = peft.PeftModel.from_pretrained(base, args.adapter).eval()
 
     adapted = greedy(model, tokenizer, args.prompts, args.max_new_tokens)

@@ -271,3 +271,26 @@ def test_causal_lm_task_type(qwen3_path, tmp_path):
     loaded = PeftModel.from_pretrained(load(qwen3_path), tmp_path)
     assert isinstance(loaded, PeftModelForCausalLM)
     assert torch.equal(logits(loaded, ids), want)
+
+
+def test_transformers_kernels_do_not_replace_our_experts_math(qwen3_path):
+    """transformers >= 5.25 loads with use_kernels on by default (offline here, on the CPU: nothing is
+    fetched) and may swap an act_fn module's forward for a hub kernel: our experts implementation stays
+    selected, the adapter layers stay in place through train()/eval() (which re-kernelize), and our
+    SiLU gate never calls the module's forward."""
+    model = load(qwen3_path, experts_implementation="peft_shared_moe")
+    assert model.config._experts_implementation == "peft_shared_moe"
+    peft_model = get_peft_model(model, SharedMoeLoraConfig(r=4))
+    randomize_adapter(peft_model)
+    want = logits(peft_model)
+    peft_model.train()
+    peft_model.eval()
+    experts = [m for m in peft_model.modules() if isinstance(m, ExpertsLoraLayer)]
+    assert len(experts) == 2
+
+    def swapped_forward(*args, **kwargs):
+        raise AssertionError("the act_fn module's forward was called")
+
+    for layer in experts:
+        layer.get_base_layer().act_fn.forward = swapped_forward
+    assert torch.equal(logits(peft_model), want)

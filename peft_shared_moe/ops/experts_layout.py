@@ -86,11 +86,16 @@ def _has_own_gate(module: nn.Module) -> bool:
 
 
 def default_gate(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """transformers' default gate on [gate; up] columns: act_fn(gate) * up."""
+    """transformers' default gate on [gate; up] columns: act_fn(gate) * up.
+
+    A SiLU is computed with torch's own: transformers >= 5.25 may swap the act_fn module's forward for a
+    hub kernel (`use_kernels`), whose autograd and dtypes are not ours to rely on; the value is the same.
+    """
+    activation = torch.nn.functional.silu if _is_silu(act_fn) else act_fn
 
     def gate(gate_up: torch.Tensor) -> torch.Tensor:
         g, u = gate_up.chunk(2, dim=-1)
-        return act_fn(g) * u
+        return activation(g) * u
 
     return gate
 
@@ -98,11 +103,11 @@ def default_gate(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
 def gate_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The block's own gate on a (S, 2I) gate_up tensor in its column order -> (S, I).
 
-    The class's `_apply_gate` when it has one (transformers gives every decorated class one), so
-    clamps and custom activations are the module's code, never re-derived here; otherwise the
-    default act_fn(gate) * up on [gate; up].
+    The class's own `_apply_gate` when it overrides transformers' default, so clamps and custom
+    activations are the module's code, never re-derived here; otherwise the default act_fn(gate) * up
+    on [gate; up] (`default_gate`).
     """
-    if hasattr(module, "_apply_gate"):
+    if hasattr(module, "_apply_gate") and (_has_own_gate(module) or _default_gate_fn() is None):
         return module._apply_gate
     return default_gate(module.act_fn)
 
