@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peft_shared_moe import SharedMoeLoraConfig
+from peft_shared_moe import SharedMoeLoraConfig, export_adapter
 from peft_shared_moe.tuners import ExpertsLoraLayer, LinearLoraLayer
 from tests.conftest import input_ids, load, randomize_adapter
 
@@ -140,6 +140,11 @@ def test_modules_to_save_round_trips_every_way(qwen3_path, tmp_path):
         with pytest.raises(ValueError, match="was not loaded by this transformers"):
             native.load_adapter(str(tmp_path / "a"))
         assert [(n, type(m).__name__) for n, m in native.named_modules()] == modules_before
+
+    # the serving formats hold LoRA factors only: convert refuses the copy by name and writes nothing
+    with pytest.raises(ValueError, match="modules_to_save.*full module copies cannot be converted"):
+        export_adapter(tmp_path / "a", tmp_path / "sglang", format="sglang")
+    assert not (tmp_path / "sglang").exists()
 
     # a second adapter with its own copy, then one name per sample
     peft_loaded.eval()
