@@ -324,3 +324,21 @@ def test_strict_adapter_check_never_lets_a_base_weight_in(qwen3_path, tmp_path, 
     with pytest.raises(ValueError, match="lm_head.weight"):
         model.load_adapter(tmp_path, adapter_name="other", strict_adapter_check=strictness)
     assert "other" not in model.peft_config
+
+
+def test_device_map_placement_and_offloaded_layers(qwen3_path, tmp_path):
+    """A model placed by accelerate: factors are made on their layer's device; a layer offloaded to disk
+    (its weights on the meta device until its forward) is refused by name, and nothing is wrapped."""
+    placed = load(qwen3_path, device_map={"": "cpu"})
+    model = trained(get_peft_model(placed, SharedMoeLoraConfig(r=4)))
+    assert all(p.device.type == "cpu" for n, p in model.named_parameters() if "lora_" in n)
+    model.save_pretrained(tmp_path / "a")
+    torch.testing.assert_close(run(PeftModel.from_pretrained(load(qwen3_path), tmp_path / "a"), "lm"), run(model, "lm"),
+                               rtol=0, atol=0)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "cpu", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    offloaded = load(qwen3_path, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    modules_before = [(n, type(m).__name__) for n, m in offloaded.named_modules()]
+    with pytest.raises(ValueError, match=r"layers\.2\..*offloaded"):
+        get_peft_model(offloaded, SharedMoeLoraConfig(r=4))
+    assert [(n, type(m).__name__) for n, m in offloaded.named_modules()] == modules_before

@@ -35,7 +35,8 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     """Module name -> "experts" or "linear" for every module the config adapts.
 
     Raises before anything is wrapped when a target name matches nothing, matches a module of
-    an unsupported type, or "experts" is asked of a model without a fused experts block.
+    an unsupported type or an offloaded one, or "experts" is asked of a model without a fused
+    experts block.
     """
     names = config.resolved_target_modules()
     linear_names = [n for n in names if n not in (EXPERTS_TARGET, ATTENTION_TARGET)]
@@ -86,6 +87,12 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     unmatched = [n for n in names if n not in matched]
     if unmatched:
         raise ValueError(f"target_modules {unmatched} matched no module of {where}")
+    offloaded = [k for k in targets if any(p.device.type == "meta" for p in model.get_submodule(k).parameters())]
+    if offloaded:
+        raise ValueError(
+            f"{offloaded[0]}: its base weights are offloaded (on the meta device, e.g. device_map 'cpu' or 'disk' "
+            f"beside a GPU); adapters need every targeted layer resident on a device"
+        )
     _check_whole_targets(model, targets, split, config)
     return targets
 
@@ -273,11 +280,6 @@ class SharedMoeLoraModel(BaseTuner):
         if isinstance(target, SharedMoeLoraLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        if any(p.device.type == "meta" for p in target.parameters()):
-            raise ValueError(
-                f"{current_key}: its base weights are offloaded (on the meta device, e.g. device_map 'cpu' or "
-                f"'disk' beside a GPU); adapters need every targeted layer resident on a device"
-            )
         kind = self._targets[current_key]
         layer_cls = ExpertsLoraLayer if kind == "experts" else LinearLoraLayer
         new_module = layer_cls(target, adapter_name, peft_config)
