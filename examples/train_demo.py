@@ -152,6 +152,7 @@ def training_arguments(
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.max_steps // 10),
         weight_decay=0.0,
+        adam_beta2=0.95,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         seed=args.seed,

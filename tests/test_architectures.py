@@ -316,6 +316,24 @@ def test_float32_training_gradients_match_float64_reference(case: Case, shared: 
     assert checked == 6 * len(factors)
 
 
+@pytest.mark.parametrize("case", SUPPORTED)
+def test_default_targets_adapt_the_experts_and_the_attention(case: Case):
+    """target_modules=None ("all-linear" likewise): every experts block and every linear directly inside
+    the decoder's attention blocks, whatever the architecture names them (DeepSeek's q_a_proj ...); never
+    a router, a dense MLP or lm_head."""
+    model = build(case)
+    attention_linears = {n for n, m in model.named_modules() if type(m).__name__.endswith(("Attention", "MLA"))
+                         for c, child in m.named_children() if isinstance(child, torch.nn.Linear)}
+    peft_model = get_peft_model(model, SharedMoeLoraConfig(r=2))
+    wrapped = {n: type(m).__name__ for n, m in peft_model.base_model.model.named_modules()
+               if type(m).__name__ in ("ExpertsLoraLayer", "LinearLoraLayer")}
+    assert "ExpertsLoraLayer" in wrapped.values()
+    linears = [n for n, kind in wrapped.items() if kind == "LinearLoraLayer"]
+    assert linears, f"{case.model_type}: no attention projection adapted"
+    assert all(n.rpartition(".")[0] in attention_linears for n in linears)
+    assert not any(re.search(r"(router|\.gate|lm_head|mlp\.(gate|up|down)_proj)$", n) for n in linears)
+
+
 @pytest.mark.parametrize("case", REFUSED)
 def test_unsupported_experts_are_refused(case: Case):
     with pytest.raises(ValueError, match=case.refused):

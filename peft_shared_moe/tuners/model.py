@@ -98,15 +98,16 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
 
 
 def attention_projections(model: nn.Module) -> set[str]:
-    """Paths of the linears directly inside the decoder's attention blocks (classes named *Attention),
-    whatever the architecture calls them; a vision tower's attention (outside `get_decoder()`) is not one."""
+    """Paths of the linears directly inside the decoder's attention blocks (classes named *Attention, or
+    *MLA for multi-head latent attention), whatever the architecture calls them; a vision tower's
+    attention (outside `get_decoder()`) is not one."""
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     decoder = decoder if isinstance(decoder, nn.Module) else model
     prefix = next((f"{k}." if k else "" for k, m in model.named_modules() if m is decoder), "")
     found = set()
     for key, module in decoder.named_modules():
-        if isinstance(module, BaseTunerLayer) or not type(module).__name__.endswith("Attention"):
+        if isinstance(module, BaseTunerLayer) or not type(module).__name__.endswith(("Attention", "MLA")):
             continue
         for child_name, child in module.named_children():
             base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
