@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output", default="runs/demo", help="where the adapter is saved")
     p.add_argument("--max-steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--per-expert", action="store_true", help="shared_outer=False: every factor per expert")
@@ -142,7 +142,7 @@ def training_arguments(
     args: argparse.Namespace, output_dir: str, arguments_class: type = TrainingArguments, **overrides
 ) -> TrainingArguments:
     """The optimisation the examples share (`args`: max_steps, batch_size, lr, seed): AdamW, cosine decay
-    after a 10 % warmup, no weight decay; the GPU when there is one; no reporting services (offline).
+    after a 5 % warmup, no weight decay; the GPU when there is one; no reporting services (offline).
     `arguments_class`: a TrainingArguments subclass, e.g. TRL's SFTConfig."""
     settings = dict(
         output_dir=output_dir,
@@ -150,9 +150,8 @@ def training_arguments(
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr,
         lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.max_steps // 10),
+        warmup_steps=max(1, args.max_steps // 20),
         weight_decay=0.0,
-        adam_beta2=0.95,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         seed=args.seed,
