@@ -35,8 +35,8 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     """Module name -> "experts" or "linear" for every module the config adapts.
 
     Raises before anything is wrapped when a target name matches nothing, matches a module of
-    an unsupported type or an offloaded one, or "experts" is asked of a model without a fused
-    experts block.
+    an unsupported type, or "experts" is asked of a model without a fused experts block. Works on a
+    model built on the meta device (the formats describe a base that way).
     """
     names = config.resolved_target_modules()
     linear_names = [n for n in names if n not in (EXPERTS_TARGET, ATTENTION_TARGET)]
@@ -87,14 +87,19 @@ def find_targets(model: nn.Module, config: SharedMoeLoraConfig) -> dict[str, str
     unmatched = [n for n in names if n not in matched]
     if unmatched:
         raise ValueError(f"target_modules {unmatched} matched no module of {where}")
+    _check_whole_targets(model, targets, split, config)
+    return targets
+
+
+def _refuse_offloaded(model: nn.Module, targets: dict[str, str]) -> None:
+    """Before any layer is wrapped: every target's weights must be resident (accelerate leaves an
+    offloaded layer's weights on the meta device until its forward)."""
     offloaded = [k for k in targets if any(p.device.type == "meta" for p in model.get_submodule(k).parameters())]
     if offloaded:
         raise ValueError(
             f"{offloaded[0]}: its base weights are offloaded (on the meta device, e.g. device_map 'cpu' or 'disk' "
             f"beside a GPU); adapters need every targeted layer resident on a device"
         )
-    _check_whole_targets(model, targets, split, config)
-    return targets
 
 
 def attention_projections(model: nn.Module) -> set[str]:
@@ -251,6 +256,7 @@ class SharedMoeLoraModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         config = self.peft_config[adapter_name]
         self._targets = find_targets(model, config)
+        _refuse_offloaded(model, self._targets)
         # PEFT rewrites a target_modules of "all-linear" into the paths of every linear (dropping "experts")
         # and shortens long lists; it matches through `_check_target_module_exists`, so it gets the resolved
         # names, and the config keeps what the user gave (which is saved, and resolved again on load).
