@@ -175,7 +175,9 @@ def load_base(path: str, quantize: str | None = None, block: int | None = None, 
             if block is None:
                 raise SystemExit(f"no FP8 block of 128, 64, ... 8 divides the expert sizes {dims}; pass --quant-block")
         kwargs["quantization_config"] = ExpertsQuantizationConfig(quantize, block)
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+    # use_kernels=False: offline, transformers >= 5.25 would try to fetch hub kernels for a CUDA model
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, use_kernels=False,
+                                                **kwargs)
 
 
 def main() -> int:
