@@ -226,6 +226,9 @@ def test_backend_is_not_bound_by_the_saved_config(qwen3_path, tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "backend": "loop"}))
     assert layer(PeftModel.from_pretrained(load(qwen3_path), tmp_path)).backend["default"] == "auto"
+    native = load(qwen3_path)  # transformers' own loader reads the config through PEFT's base class
+    native.load_adapter(str(tmp_path))
+    assert layer(native).backend["default"] == "auto" and native.peft_config["default"].backend == "auto"
 
 
 # ---- mixed batches: PEFT's errors ----------------------------------------------------------------

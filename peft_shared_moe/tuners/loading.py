@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from ..config import PEFT_TYPE
+from ..config import PEFT_TYPE, RUNTIME_FIELDS, SharedMoeLoraConfig
 from ..factors import EXPERT_FACTORS
 from .layer import SharedMoeLoraLayer
 
@@ -193,6 +193,7 @@ class NativeLoad:
         if peft_model_id is not None and Path(str(peft_model_id)).is_dir():
             self.directory = Path(str(peft_model_id)) / ((adapter_kwargs or {}).get("subfolder") or "")
         self.config = _config_of(peft_config, self.directory)
+        self.config_from_file = peft_config is None
         self.state_dict = adapter_state_dict
         self.where = "adapter_state_dict" if adapter_state_dict is not None else str(self.directory or peft_model_id)
 
@@ -254,6 +255,8 @@ def _transformers_load_adapter_guard(load_adapter: Callable, signature: inspect.
         try:
             result = load_adapter(self, *args, **kwargs)
             native.check_loaded(self, adapter_name)
+            if native.config_from_file:
+                _run_time_defaults(self, adapter_name)
             return result
         except BaseException:
             rollback.undo()
@@ -265,6 +268,19 @@ def _transformers_load_adapter_guard(load_adapter: Callable, signature: inspect.
             raise
 
     return guarded
+
+
+def _run_time_defaults(model: nn.Module, adapter_name: str) -> None:
+    """An adapter config read by transformers' loader (PEFT's base `PeftConfig.from_pretrained`, which our
+    config class cannot hook) keeps a run-time field an older file may hold: reset it to the default."""
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    for name in RUNTIME_FIELDS:
+        default = SharedMoeLoraConfig.__dataclass_fields__[name].default
+        if config is not None:
+            setattr(config, name, default)
+        for module in model.modules():
+            if isinstance(module, SharedMoeLoraLayer) and adapter_name in getattr(module, name, {}):
+                getattr(module, name)[adapter_name] = default
 
 
 def install_loading_guards() -> None:
