@@ -345,3 +345,17 @@ def test_device_map_placement_and_offloaded_layers(qwen3_path, tmp_path):
     with pytest.raises(ValueError, match=r"layers\.2\..*offloaded"):
         get_peft_model(offloaded, SharedMoeLoraConfig(r=4))
     assert [(n, type(m).__name__) for n, m in offloaded.named_modules()] == modules_before
+
+
+def test_other_peft_types_load_through_the_guards_unchanged(qwen3_path, tmp_path):
+    """The loading guards wrap PEFT's and transformers' entry points for every adapter type; PEFT's own
+    LoRA must load as before."""
+    lora = get_peft_model(load(qwen3_path), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path)
+    want = run(lora, "lm")
+    reloaded = PeftModel.from_pretrained(load(qwen3_path), tmp_path)
+    reloaded.load_adapter(tmp_path, adapter_name="second")
+    assert torch.equal(run(reloaded, "lm"), want)
+    native = load(qwen3_path)
+    native.load_adapter(str(tmp_path))
+    torch.testing.assert_close(run(native, "lm"), want, rtol=1e-5, atol=1e-5)

@@ -129,7 +129,7 @@ def _peft_load_adapter_guard(load_adapter: Callable, signature: inspect.Signatur
     def guarded(self, *args, **kwargs):
         adapter_name = signature.bind(self, *args, **kwargs).arguments["adapter_name"]
         had_config = adapter_name in self.peft_config
-        rollback = _Rollback(self.base_model.model, adapter_name)
+        rollback = _Rollback(getattr(self.base_model, "model", self.base_model), adapter_name)  # prompt learning: no .model
         try:
             return load_adapter(self, *args, **kwargs)
         except BaseException as error:
