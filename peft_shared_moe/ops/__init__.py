@@ -103,7 +103,7 @@ def run_experts(
     fn = resolve_backend(backend, hidden_states, top_k_weights, layout, lora, weights)
     return fn(
         hidden_states, top_k_index, top_k_weights, *weights, getattr(experts, "act_fn", None), lora=lora,
-        layout=layout, apply_gate=gate_function(experts), gate_up_bias=biases[0], down_bias=biases[1],
+        layout=layout, apply_gate=gate_function(experts, layout), gate_up_bias=biases[0], down_bias=biases[1],
     )
 
 

@@ -85,13 +85,15 @@ def _has_own_gate(module: nn.Module) -> bool:
     return gate is not None and gate is not _default_gate_fn()
 
 
-def default_gate(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def default_gate(act_fn: Callable[[torch.Tensor], torch.Tensor], is_silu: Optional[bool] = None
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """transformers' default gate on [gate; up] columns: act_fn(gate) * up.
 
     A SiLU is computed with torch's own: transformers >= 5.25 may swap the act_fn module's forward for a
     hub kernel (`use_kernels`), whose autograd and dtypes are not ours to rely on; the value is the same.
+    `is_silu`: already known (`ExpertsLayout.silu_gate`), or None to look.
     """
-    activation = torch.nn.functional.silu if _is_silu(act_fn) else act_fn
+    activation = torch.nn.functional.silu if (_is_silu(act_fn) if is_silu is None else is_silu) else act_fn
 
     def gate(gate_up: torch.Tensor) -> torch.Tensor:
         g, u = gate_up.chunk(2, dim=-1)
@@ -100,16 +102,17 @@ def default_gate(act_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[to
     return gate
 
 
-def gate_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def gate_function(module: nn.Module, layout: "ExpertsLayout") -> Callable[[torch.Tensor], torch.Tensor]:
     """The block's own gate on a (S, 2I) gate_up tensor in its column order -> (S, I).
 
-    The class's own `_apply_gate` when it overrides transformers' default, so clamps and custom
-    activations are the module's code, never re-derived here; otherwise the default act_fn(gate) * up
-    on [gate; up] (`default_gate`).
+    The class's own `_apply_gate` when it overrides transformers' default (`layout.own_gate`), so clamps
+    and custom activations are the module's code, never re-derived here; otherwise the default
+    act_fn(gate) * up on [gate; up] (`default_gate`). Read from the layout, found once per block, so a
+    call costs no lookups.
     """
-    if hasattr(module, "_apply_gate") and (_has_own_gate(module) or _default_gate_fn() is None):
+    if layout.own_gate:
         return module._apply_gate
-    return default_gate(module.act_fn)
+    return default_gate(module.act_fn, layout.silu_gate)
 
 
 def _is_3d(t: object) -> bool:
