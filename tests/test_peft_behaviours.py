@@ -209,6 +209,8 @@ def test_nan_is_refused_on_load_naming_folder_and_key(qwen3_path, tmp_path, how)
             target.load_adapter(str(tmp_path))
     assert str(tmp_path) in str(info.value) and "layers.2.mlp.experts.w2.lora_B" in str(info.value)
     assert [(n, type(m).__name__) for n, m in target.named_modules()] == modules_before
+    if how == "transformers":  # nor does transformers' bookkeeping say an adapter is loaded
+        assert not getattr(target, "_hf_peft_config_loaded", False) and not getattr(target, "peft_config", {})
 
 
 # ---- run-time settings are not saved ------------------------------------------------------------

@@ -38,6 +38,8 @@ from .layer import SharedMoeLoraLayer
 # other than "none") trainable biases, and the copies of `modules_to_save` modules.
 FACTOR_SUFFIXES = tuple(f".{f}.weight" for f in EXPERT_FACTORS) + (".lora_A.weight", ".lora_B.weight")
 MODEL_PREFIX = "base_model.model."
+# What transformers' load_adapter keeps on the model besides the layers it injects.
+TRANSFORMERS_PEFT_ATTRIBUTES = ("peft_config", "_hf_peft_config_loaded")
 
 
 class AdapterLoadError(ValueError):
@@ -250,8 +252,10 @@ def _transformers_load_adapter_guard(load_adapter: Callable, signature: inspect.
         native.check_keys()
         adapter_name = arguments.get("adapter_name") or "default"
         rollback = _Rollback(self, adapter_name)
-        state_before = {k: vars(self)[k] for k in ("peft_config", "_hf_peft_config_loaded") if k in vars(self)}
-        configs_before = dict(state_before.get("peft_config") or {})
+        # transformers sets a flag and adds the config to `self.peft_config` (a dict it creates on a first load)
+        attributes_before = {k: vars(self)[k] for k in TRANSFORMERS_PEFT_ATTRIBUTES if k in vars(self)}
+        if "peft_config" in attributes_before:
+            attributes_before["peft_config"] = dict(attributes_before["peft_config"])  # its contents: it is mutated
         try:
             result = load_adapter(self, *args, **kwargs)
             native.check_loaded(self, adapter_name)
@@ -260,11 +264,9 @@ def _transformers_load_adapter_guard(load_adapter: Callable, signature: inspect.
             return result
         except BaseException:
             rollback.undo()
-            for key in ("peft_config", "_hf_peft_config_loaded"):
+            for key in TRANSFORMERS_PEFT_ATTRIBUTES:
                 vars(self).pop(key, None)
-            vars(self).update(state_before)
-            if "peft_config" in state_before:
-                self.peft_config = configs_before
+            vars(self).update(attributes_before)
             raise
 
     return guarded
